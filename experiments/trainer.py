@@ -1,0 +1,205 @@
+"""The Lightning side of a run: build the Trainer, fit (resuming if a checkpoint exists), evaluate dev.
+
+Split from ``run.py`` so that skipping a complete run, planning and tables never import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from experiments import run as R
+from transformer_lit import config as C
+from transformer_lit.data import TranslationDataModule
+from transformer_lit.lit_module import TransformerLitModule
+from transformer_lit.params import count_parameters
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+TOKENIZER = "tokenizer.model"
+HYPS_DEV = "hyps_dev.txt"
+
+
+def _precision(cfg: C.RunConfig) -> str:
+    return "bf16-mixed" if cfg.train.precision == "bf16" else "32-true"
+
+
+def _world_size(cfg: C.RunConfig) -> int:
+    return cfg.train.devices * int(os.environ.get("SLURM_NNODES", os.environ.get("NUM_NODES", "1")))
+
+
+def build_trainer(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: list[Any]) -> L.Trainer:
+    t = cfg.train
+    accumulate = R.accumulation(cfg, _world_size(cfg))
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / CKPT_DIR,
+        filename="step={step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        monitor="step",
+        mode="max",
+        save_top_k=t.keep_checkpoints,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    if t.wandb:
+        loggers.append(_wandb_logger(cfg, run_dir, info))
+    extra = [RichProgressBar(leave=True)] if t.progress_bar else []
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy="ddp" if t.devices > 1 else "auto",
+        precision=_precision(cfg),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+        # val_check_interval counts batches, not optimizer steps
+        val_check_interval=t.val_every_n_steps * accumulate,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        logger=loggers,
+        callbacks=[checkpoint, *extra, *callbacks],
+        default_root_dir=run_dir,
+        deterministic=False,
+    )
+
+
+def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo) -> Any:
+    from lightning.pytorch.loggers import WandbLogger
+
+    R.configure_wandb_mode()
+    flat = C.flat_dict(cfg) | {"grid": info.grid, "scale": info.scale, "row": info.row}
+    run_id_file = run_dir / "wandb_id.txt"  # the same W&B run continues after a resume
+    if not run_id_file.is_file():
+        from wandb.util import generate_id
+
+        run_id_file.write_text(generate_id())
+    run_id = run_id_file.read_text().strip()
+    logger = WandbLogger(
+        project=cfg.train.wandb_project,
+        group=info.group,
+        job_type=info.row,
+        name=f"{info.grid}/{info.scale}/{info.row}/seed{cfg.train.seed}",
+        save_dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        config=flat,
+    )
+    return logger
+
+
+def _seed_and_threads(cfg: C.RunConfig) -> None:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+
+def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: list[Any]) -> dict | None:
+    """Fit with resume, then dev PPL (all ranks) and dev BLEU (rank 0). Returns the summary on rank 0."""
+    _seed_and_threads(cfg)
+    ckpt_dir = run_dir / CKPT_DIR
+    tokenizer_path = ckpt_dir / TOKENIZER
+    dm = TranslationDataModule(
+        cfg.data, seed=cfg.train.seed, tokenizer_path=str(tokenizer_path) if tokenizer_path.is_file() else None
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if not tokenizer_path.is_file():
+        dm.save_tokenizer(tokenizer_path)
+
+    bleu_fn = _make_bleu_fn(cfg, dm, limit=cfg.eval.max_sentences)
+    module = TransformerLitModule(cfg, dm.tokenizer.vocab_size, pad_id=dm.tokenizer.pad_id, bleu_fn=bleu_fn)
+    trainer = build_trainer(cfg, run_dir, info, callbacks)
+    last = ckpt_dir / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("resuming %s from %s", run_dir, last)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    fit_seconds = time.perf_counter() - start
+    trainer.validate(module, datamodule=dm, verbose=False)
+    ppl = module.last_val.get("val/ppl", float("nan"))
+
+    tokens = torch.tensor([module.train_tokens], dtype=torch.float64, device=module.device)
+    if trainer.world_size > 1:
+        tokens = module.all_gather(tokens).sum()
+    train_tokens = int(tokens.item())
+    if not trainer.is_global_zero:
+        return None
+
+    bleu = _make_bleu_fn(cfg, dm, limit=None, hyps_path=run_dir / HYPS_DEV)(module)
+    wall = module.wall_seconds_before + fit_seconds  # fit_seconds: this attempt only
+    summary = {
+        "grid": info.grid,
+        "scale": info.scale,
+        "row": info.row,
+        "seed": cfg.train.seed,
+        "params": count_parameters(cfg.model, dm.tokenizer.vocab_size),
+        "vocab_size": dm.tokenizer.vocab_size,
+        "ppl_dev": ppl,
+        "bleu_dev": bleu["bleu"],
+        "bleu_dev_tok": bleu["bleu_tok"],
+        "sacrebleu_signature": bleu["signature"],
+        "train_steps": trainer.global_step,
+        "train_tokens": train_tokens,
+        "wall_seconds": round(wall, 2),
+        "tokens_per_second": round(train_tokens / max(wall, 1e-9), 1),
+        "device": R.device_name(trainer),
+        "status": "complete",
+    }
+    _finish_wandb(trainer, summary)
+    return summary
+
+
+def _make_bleu_fn(cfg: C.RunConfig, dm: TranslationDataModule, limit: int | None, hyps_path: Path | None = None):
+    """A callable that decodes (the first ``limit``) dev sentences by beam search and scores them."""
+    from transformer_lit.decoding import translate
+    from transformer_lit.metrics import sacre_bleu, tokenized_bleu
+
+    def bleu_fn(module: TransformerLitModule) -> dict[str, Any]:
+        pairs = dm.dev_pairs[:limit] if limit else dm.dev_pairs
+        sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+        was_training = module.model.training
+        module.model.eval()
+        with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            hyps = translate(
+                module.model,
+                dm.tokenizer,
+                sources,
+                beam_size=cfg.eval.beam_size,
+                alpha=cfg.eval.alpha,
+                max_len_b=cfg.eval.max_len_b,
+                batch_size=cfg.eval.batch_size,
+            )
+        module.model.train(was_training)
+        if hyps_path is not None:
+            hyps_path.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
+        score, signature = sacre_bleu(hyps, refs)
+        return {"bleu": score, "bleu_tok": tokenized_bleu(hyps, refs), "signature": signature}
+
+    return bleu_fn
+
+
+def _finish_wandb(trainer: L.Trainer, summary: dict[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(summary)
+            logger.experiment.finish()
