@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,7 +157,164 @@ def cmd_data_wmt14(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_eval, _add_data]
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table",
+        help="rebuild a grid's result table (beside the paper's Table 3) and plots from run folders or W&B",
+    )
+    p.add_argument("grid", help="grid name or file (e.g. table3 or ablations/table3.yaml)")
+    p.add_argument("--scale", default=None, help="scale (default: the grid's default_scale)")
+    p.add_argument("--runs", default="results/runs", help="root of the run folders (default: results/runs)")
+    p.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read the runs from W&B instead")
+    p.add_argument("--out", default="results", help="where <grid>-<scale>.md/.csv/.tex and plots go")
+    p.add_argument("--format", default="md,csv,tex", help="comma list of md, csv, tex (default: all)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=cmd_table)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from experiments.tables import make_table
+
+    result = make_table(
+        args.grid, scale=args.scale, runs_root=args.runs, wandb=args.wandb, out=args.out, formats=args.format,
+        plots=not args.no_plots,
+    )
+    print(result.markdown, end="")
+    for path in result.files:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_grid(sub: argparse._SubParsersAction) -> None:
+    from experiments.gridrun import IntermixedParser
+
+    p = sub.add_parser("grid", help="run a grid (rows x seeds) on this node or SLURM; its status; its plan")
+    gsub = p.add_subparsers(dest="grid_cmd", required=True, parser_class=IntermixedParser)
+
+    def selection(q: argparse.ArgumentParser) -> None:
+        q.add_argument("file", help="grid file or name (e.g. ablations/table3.yaml or table3)")
+        q.add_argument("--scale", default=None, help="scale: paper, small, tiny, ... (default: the grid's)")
+        q.add_argument("--rows", default=None, help="rows or groups, e.g. A1,B (= B1,B2) (default: all)")
+        q.add_argument("--seeds", default="1", help="number of seeds (3: seeds 0,1,2) or a list (0,2)")
+        q.add_argument(
+            "--runs", default="results/runs", help="root of the run folders (default: results/runs)"
+        )
+        q.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=900.0,
+            metavar="SECONDS",
+            help="trust another host's run lock until it is this old without heartbeat",
+        )
+
+    devices = "slots of this node: all, cpu:N, cpu:all, cuda:0,1,... (default: all)"
+    r = gsub.add_parser(
+        "run",
+        help="run the grid's unfinished runs; resumable, safe to run twice at once",
+        epilog=_sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    selection(r)
+    r.add_argument("--devices", default="all", help=devices)
+    r.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    r.add_argument("--retries", type=int, default=1, help="attempts after a failure (default: 1)")
+    r.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
+    s = r.add_argument_group("slurm (--launcher slurm; GPUs per task = train.devices)")
+    s.add_argument("--partition", default=None)
+    s.add_argument(
+        "--time", type=int, default=24 * 60, metavar="MINUTES", help="per task; longer runs requeue"
+    )
+    s.add_argument("--mem", type=float, default=None, metavar="GB", help="memory per task")
+    s.add_argument("--cpus-per-gpu", type=int, default=8)
+    s.add_argument("--slurm-folder", default="results/slurm", help="submitit logs (on a shared filesystem)")
+    s.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. account=abc (repeatable)",
+    )
+    s.add_argument("--no-wait", action="store_true", help="submit and return (tlit grid status follows them)")
+    r.add_argument("overrides", nargs="*", metavar="section.field=value")
+    r.set_defaults(func=cmd_grid_run)
+
+    st = gsub.add_parser("status", help="one line per run: done/running/failed/pending, PPL, BLEU, time")
+    selection(st)
+    st.set_defaults(func=cmd_grid_status)
+
+    pl = gsub.add_parser("plan", help="what grid run would run, sizes and rough cost; runs nothing")
+    selection(pl)
+    pl.add_argument("--devices", default="all", help=devices)
+    pl.add_argument("overrides", nargs="*", metavar="section.field=value")
+    pl.set_defaults(func=cmd_grid_plan)
+
+
+def _grid_specs(args: argparse.Namespace, overrides: list[str]) -> tuple:
+    from experiments import grid as G
+    from experiments import gridrun
+
+    grid = G.load_grid(args.file)
+    specs = gridrun.specs_for(
+        grid, args.scale, rows=args.rows, seeds=args.seeds, overrides=overrides, runs=args.runs
+    )
+    return grid, specs
+
+
+def cmd_grid_run(args: argparse.Namespace) -> int:
+    from experiments import gridrun
+    from experiments.launchers.slurm import SlurmOptions
+
+    overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
+    grid, specs = _grid_specs(args, overrides)
+    extra = dict(C.parse_override(a) for a in args.slurm_arg)
+    slurm = SlurmOptions(
+        folder=Path(args.slurm_folder) / grid.name / specs[0].scale,
+        partition=args.partition,
+        time_min=args.time,
+        mem_gb=args.mem,
+        cpus_per_gpu=args.cpus_per_gpu,
+        extra=extra,
+    )
+    launcher = gridrun.make_launcher(
+        args.launcher,
+        devices=args.devices,
+        retries=args.retries,
+        lock_timeout=args.lock_timeout,
+        slurm=slurm,
+        job_name=f"tlit-{grid.name}-{specs[0].scale}",
+    )
+    if args.launcher == "slurm":
+        launcher.wait = not args.no_wait
+    where = getattr(launcher, "slots", args.launcher)
+    print(f"{grid.name}/{specs[0].scale}: {len(specs)} runs on {where}, retries {args.retries}")
+    return gridrun.run_grid(specs, grid.path.resolve(), overrides, launcher, sys.stdout)
+
+
+def cmd_grid_status(args: argparse.Namespace) -> int:
+    from experiments import gridrun
+
+    _, specs = _grid_specs(args, [])
+    print(gridrun.format_status([gridrun.run_state(s, args.lock_timeout) for s in specs]))
+    return 0
+
+
+def cmd_grid_plan(args: argparse.Namespace) -> int:
+    from experiments import gridrun
+    from experiments.launchers.local import parse_devices
+
+    _, specs = _grid_specs(args, args.overrides)
+    slots = parse_devices(args.devices)
+    print(gridrun.format_plan(specs, len(slots), slots.kind, args.lock_timeout))
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_eval,
+    _add_data,
+    _add_table,
+    _add_grid,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,11 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Our loggers at INFO; Lightning keeps its own handler (no double lines) and its chatter is muted."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightning").propagate = False
+    if not verbose:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+        for pattern in (".*Experiment logs directory .* exists and is not empty.*",
+                        ".*Checkpoint directory .* exists and is not empty.*",
+                        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:

@@ -73,7 +73,9 @@ class Grid:
             raise GridError(f"{self.path}: unknown scale {name!r}; scales are: {', '.join(self.scales)}")
         return self.scales[name]
 
-    def config(self, row: str, scale: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> C.RunConfig:
+    def config(
+        self, row: str, scale: str, seed: int = 0, overrides: dict[str, Any] | None = None
+    ) -> C.RunConfig:
         """The resolved config of one run: base, then the scale's settings, the row's cells, the scale's
         division and step factor, the seed, and finally the user's overrides."""
         r, s = self.row(row), self.scale(scale)
@@ -185,7 +187,9 @@ def _load_rows(path: Path, raw: Any) -> dict[str, Row]:
         label = str(cells.pop("label", name))
         for key in cells:
             if key not in known:
-                raise GridError(f"{path}: row {name}: unknown config field {key!r} (fields look like model.d_k)")
+                raise GridError(
+                    f"{path}: row {name}: unknown config field {key!r} (fields look like model.d_k)"
+                )
         rows[str(name)] = Row(name=str(name), label=label, cells=cells)
     return rows
 

@@ -12,6 +12,7 @@ Idempotent: a complete run is skipped, a killed run resumes from ``checkpoints/l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -107,10 +108,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("transformer_lit", "torch", "lightning", "sacrebleu", "sentencepiece", "wandb"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -161,5 +160,7 @@ def train(
 
 
 def mark_failed(run_dir: Path, message: str, log_tail: str = "") -> None:
-    write_json_atomic(Path(run_dir) / FAILED, {"status": "failed", "error": message, "log_tail": log_tail,
-                                               "time": time.time()})
+    write_json_atomic(
+        Path(run_dir) / FAILED,
+        {"status": "failed", "error": message, "log_tail": log_tail, "time": time.time()},
+    )

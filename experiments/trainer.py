@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 TOKENIZER = "tokenizer.model"
 HYPS_DEV = "hyps_dev.txt"
+REFS_DEV = "refs_dev.txt"
 
 
 def _precision(cfg: C.RunConfig) -> str:
@@ -114,7 +115,9 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks
     ckpt_dir = run_dir / CKPT_DIR
     tokenizer_path = ckpt_dir / TOKENIZER
     dm = TranslationDataModule(
-        cfg.data, seed=cfg.train.seed, tokenizer_path=str(tokenizer_path) if tokenizer_path.is_file() else None
+        cfg.data,
+        seed=cfg.train.seed,
+        tokenizer_path=str(tokenizer_path) if tokenizer_path.is_file() else None,
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -167,7 +170,13 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks
     return summary
 
 
-def _make_bleu_fn(cfg: C.RunConfig, dm: TranslationDataModule, limit: int | None, hyps_path: Path | None = None):
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
+
+
+def _make_bleu_fn(
+    cfg: C.RunConfig, dm: TranslationDataModule, limit: int | None, hyps_path: Path | None = None
+):
     """A callable that decodes (the first ``limit``) dev sentences by beam search and scores them."""
     from transformer_lit.decoding import translate
     from transformer_lit.metrics import sacre_bleu, tokenized_bleu
@@ -188,8 +197,9 @@ def _make_bleu_fn(cfg: C.RunConfig, dm: TranslationDataModule, limit: int | None
                 batch_size=cfg.eval.batch_size,
             )
         module.model.train(was_training)
-        if hyps_path is not None:
-            hyps_path.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
+        if hyps_path is not None:  # kept for significance tests (paired bootstrap) by the tables
+            _write_lines(hyps_path, hyps)
+            _write_lines(hyps_path.with_name(REFS_DEV), refs)
         score, signature = sacre_bleu(hyps, refs)
         return {"bleu": score, "bleu_tok": tokenized_bleu(hyps, refs), "signature": signature}
 

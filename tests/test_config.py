@@ -61,8 +61,15 @@ def test_invalid_values_name_field_and_value(override, message):
 def test_overrides_parse_types():
     cfg = C.apply_overrides(
         C.base(),
-        ["model.d_k=16", "model.dropout=0", "optim.eps=1e-8", "train.wandb=false", "optim.grad_clip=null",
-         "data.train=a,b", "model.positional=learned"],
+        [
+            "model.d_k=16",
+            "model.dropout=0",
+            "optim.eps=1e-8",
+            "train.wandb=false",
+            "optim.grad_clip=null",
+            "data.train=a,b",
+            "model.positional=learned",
+        ],
     )
     assert cfg.model.d_k == 16 and isinstance(cfg.model.dropout, float) and cfg.optim.eps == 1e-8
     assert cfg.train.wandb is False and cfg.optim.grad_clip is None

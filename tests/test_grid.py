@@ -1,4 +1,4 @@
-"""Grid files: rows are deltas from base, scales shrink them, every YAML under ablations/ loads, bad files fail."""
+"""Grid files: rows are deltas from base, scales shrink them, every ablations/ YAML loads, bad files fail."""
 
 from __future__ import annotations
 
@@ -15,23 +15,53 @@ PAPER = ROOT.parent / "shared" / "reference" / "table3_paper.csv"
 
 def test_table3_rows_match_the_paper():
     grid = G.load_grid("table3")
-    expected = ["base", "A1", "A2", "A3", "A4", "B1", "B2", *[f"C{i}" for i in range(1, 8)],
-                "D1", "D2", "D3", "D4", "E", "big"]
+    expected = [
+        "base",
+        "A1",
+        "A2",
+        "A3",
+        "A4",
+        "B1",
+        "B2",
+        *[f"C{i}" for i in range(1, 8)],
+        "D1",
+        "D2",
+        "D3",
+        "D4",
+        "E",
+        "big",
+    ]
     assert list(grid.rows) == expected
     if not PAPER.is_file():
         pytest.skip(f"{PAPER} not present")
-    cols = {"N": "model.num_layers", "d_model": "model.d_model", "d_ff": "model.d_ff", "h": "model.num_heads",
-            "d_k": "model.d_k", "d_v": "model.d_v", "P_drop": "model.dropout", "eps_ls": "optim.label_smoothing",
-            "positional": "model.positional", "train_steps": "train.max_steps"}
+    cols = {
+        "N": "model.num_layers",
+        "d_model": "model.d_model",
+        "d_ff": "model.d_ff",
+        "h": "model.num_heads",
+        "d_k": "model.d_k",
+        "d_v": "model.d_v",
+        "P_drop": "model.dropout",
+        "eps_ls": "optim.label_smoothing",
+        "positional": "model.positional",
+        "train_steps": "train.max_steps",
+    }
     for rec in csv.DictReader(PAPER.open()):
         cfg = grid.config(rec["row"], "paper")
-        flat = {**{k: getattr(cfg.model, k.split(".")[1]) for k in cols.values() if k.startswith("model.")},
-                "optim.label_smoothing": cfg.optim.label_smoothing, "train.max_steps": cfg.train.max_steps}
+        flat = {
+            **{k: getattr(cfg.model, k.split(".")[1]) for k in cols.values() if k.startswith("model.")},
+            "optim.label_smoothing": cfg.optim.label_smoothing,
+            "train.max_steps": cfg.train.max_steps,
+        }
         for col, key in cols.items():
             want = rec[col]
             got = flat[key]
             assert str(got) == want or float(got) == float(want) if col != "positional" else got == want, (
-                rec["row"], col, got, want)
+                rec["row"],
+                col,
+                got,
+                want,
+            )
 
 
 def test_tiny_scale_divides_dims_and_keeps_meaning():
@@ -49,9 +79,15 @@ def test_tiny_scale_divides_dims_and_keeps_meaning():
 
 def test_expand_rows_seeds_and_overrides(tmp_path):
     grid = G.load_grid("table3")
-    specs = G.expand(grid, "tiny", rows=["A1", "E"], seeds=2, overrides={"train.max_steps": 7}, runs_root=tmp_path)
-    assert [s.name for s in specs] == ["table3/tiny/A1/seed0", "table3/tiny/A1/seed1", "table3/tiny/E/seed0",
-                                       "table3/tiny/E/seed1"]
+    specs = G.expand(
+        grid, "tiny", rows=["A1", "E"], seeds=2, overrides={"train.max_steps": 7}, runs_root=tmp_path
+    )
+    assert [s.name for s in specs] == [
+        "table3/tiny/A1/seed0",
+        "table3/tiny/A1/seed1",
+        "table3/tiny/E/seed0",
+        "table3/tiny/E/seed1",
+    ]
     assert all(s.config.train.max_steps == 7 for s in specs)
     assert specs[1].config.train.seed == 1
     assert specs[0].run_dir == tmp_path / "table3" / "tiny" / "A1" / "seed0"
@@ -78,7 +114,10 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("body", "message"),
     [
         ("name: g\nrows:\n  r1: {model.d_kk: 3}\n", "row r1: unknown config field 'model.d_kk'"),
-        ("name: g\nrows:\n  r1: {model.d_k: abc}\n", "row r1, scale paper: model.d_k must be an integer, got 'abc'"),
+        (
+            "name: g\nrows:\n  r1: {model.d_k: abc}\n",
+            "row r1, scale paper: model.d_k must be an integer, got 'abc'",
+        ),
         ("name: g\nrows:\n  r1: {model.dropout: 2}\n", "model.dropout must be in [0, 1), got 2.0"),
         ("name: g\nrows:\n  r1: {}\n  r1: {model.d_k: 3}\n", "name 'r1' used twice (line 4)"),
         ("name: g\nrowz: {}\n", "unknown top-level key 'rowz'"),

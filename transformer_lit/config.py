@@ -90,7 +90,8 @@ class DataConfig:
     max_tokens: int = 25000
     """Tokens per batch on one device, for the source and for the target side each (padding included)."""
     max_len: int = 256
-    """Pairs with more subword tokens than this on either side are dropped from training (and counted)."""
+    """Training pairs longer than this on either side (subwords plus EOS/BOS, as fed to the model) are
+    dropped (and counted); dev and test pairs are never dropped."""
     synthetic_pairs: int = 30000
     """Training pairs of the synthetic corpus."""
     synthetic_eval_pairs: int = 500
@@ -144,9 +145,13 @@ class OptimConfig:
         _require(0.0 <= self.beta1 < 1.0, "optim.beta1", self.beta1, "in [0, 1)")
         _require(0.0 <= self.beta2 < 1.0, "optim.beta2", self.beta2, "in [0, 1)")
         _require(self.eps > 0, "optim.eps", self.eps, "positive")
-        _require(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _require(
+            0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", self.label_smoothing, "in [0, 1)"
+        )
         if self.tokens_per_update is not None:
-            _require(self.tokens_per_update > 0, "optim.tokens_per_update", self.tokens_per_update, "positive")
+            _require(
+                self.tokens_per_update > 0, "optim.tokens_per_update", self.tokens_per_update, "positive"
+            )
         if self.grad_clip is not None:
             _require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "positive or null")
 
@@ -179,7 +184,13 @@ class TrainConfig:
     wandb_project: str = "transformer_lit"
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "devices", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps"):
+        for name in (
+            "max_steps",
+            "devices",
+            "val_every_n_steps",
+            "checkpoint_every_n_steps",
+            "log_every_n_steps",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
@@ -215,7 +226,9 @@ class EvalConfig:
         _require(self.max_len_b >= 0, "eval.max_len_b", self.max_len_b, ">= 0")
         _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         if self.bleu_every_n_steps is not None:
-            _require(self.bleu_every_n_steps > 0, "eval.bleu_every_n_steps", self.bleu_every_n_steps, "positive")
+            _require(
+                self.bleu_every_n_steps > 0, "eval.bleu_every_n_steps", self.bleu_every_n_steps, "positive"
+            )
         if self.max_sentences is not None:
             _require(self.max_sentences > 0, "eval.max_sentences", self.max_sentences, "positive or null")
 
@@ -304,7 +317,9 @@ def from_dict(values: dict[str, Any] | None) -> RunConfig:
         raise ValueError(f"config must be a mapping of sections, got {values!r}")
     unknown = set(values) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"unknown config section {sorted(unknown)[0]!r}; sections are: {', '.join(SECTIONS)}")
+        raise ValueError(
+            f"unknown config section {sorted(unknown)[0]!r}; sections are: {', '.join(SECTIONS)}"
+        )
     sections = {name: _section_from_dict(name, cls, values.get(name) or {}) for name, cls in SECTIONS.items()}
     return RunConfig(**sections)
 
@@ -316,7 +331,9 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         return list(v) if isinstance(v, tuple) else v
 
     return {
-        name: {f.name: plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(getattr(cfg, name))}
+        name: {
+            f.name: plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(getattr(cfg, name))
+        }
         for name in SECTIONS
     }
 
@@ -348,7 +365,7 @@ def field_names() -> list[str]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.d_k=16"`` -> ``("model.d_k", 16)``; the value is parsed as YAML (``null``, ``true``, ``1e-3``)."""
+    """``"model.d_k=16"`` -> ``("model.d_k", 16)``; the value is read as YAML (null, true, 1e-9)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
@@ -382,7 +399,9 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | tupl
             if section in SECTIONS:
                 names = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
                 raise ValueError(f"unknown config field {key}; {section} has: {names}")
-            raise ValueError(f"unknown config key {key!r}; keys are section.field with sections {', '.join(SECTIONS)}")
+            raise ValueError(
+                f"unknown config key {key!r}; keys are section.field with sections {', '.join(SECTIONS)}"
+            )
         section, name = key.split(".", 1)
         values[section][name] = value
     return from_dict(values)

@@ -30,7 +30,9 @@ def inverse_sqrt_lr(step: int, *, d_model: int, warmup_steps: int, factor: float
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
 
 
-def label_smoothed_nll(logits: Tensor, target: Tensor, *, epsilon: float, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def label_smoothed_nll(
+    logits: Tensor, target: Tensor, *, epsilon: float, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Label-smoothed cross-entropy (the training loss) and the plain NLL (for perplexity).
 
     The smoothed target puts 1 - epsilon on the gold token and spreads epsilon uniformly over the whole
@@ -73,7 +75,9 @@ class TransformerLitModule(L.LightningModule):
         # Plain values only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": C.to_dict(cfg), "vocab_size": vocab_size, "pad_id": pad_id})
         self.train_tokens = 0  # target tokens seen on this rank; restored from checkpoints
-        self.wall_seconds_before = 0.0  # training time of earlier (killed) attempts; restored from checkpoints
+        self.wall_seconds_before = (
+            0.0  # training time of earlier (killed) attempts; restored from checkpoints
+        )
         self._fit_start = time.perf_counter()
         self._val_nll = 0.0
         self._val_tokens = 0
@@ -100,8 +104,8 @@ class TransformerLitModule(L.LightningModule):
         loss = loss_sum / ntok_f
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the run stops here and "
-                "its last good checkpoint is kept (lower optim.lr_factor or raise optim.warmup_steps)"
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the run stops here "
+                "and its last good checkpoint is kept (lower optim.lr_factor or raise optim.warmup_steps)"
             )
         self.train_tokens += int(ntok)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(ntok))
@@ -117,13 +121,19 @@ class TransformerLitModule(L.LightningModule):
         # LambdaLR multiplies lr=1.0 by the schedule; its counter starts at 0 for the first optimizer step.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda i: inverse_sqrt_lr(i + 1, d_model=d_model, warmup_steps=o.warmup_steps, factor=o.lr_factor),
+            lambda i: inverse_sqrt_lr(
+                i + 1, d_model=d_model, warmup_steps=o.warmup_steps, factor=o.lr_factor
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         if self.cfg.optim.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm"
+            )
 
     # ------------------------------------------------------------------------------------------------------
     # Validation: per-token perplexity from the unsmoothed loss, summed over the whole dev set
@@ -138,7 +148,9 @@ class TransformerLitModule(L.LightningModule):
         self._val_tokens += int(ntok)
 
     def on_validation_epoch_end(self) -> None:
-        totals = torch.tensor([self._val_nll, float(self._val_tokens)], dtype=torch.float64, device=self.device)
+        totals = torch.tensor(
+            [self._val_nll, float(self._val_tokens)], dtype=torch.float64, device=self.device
+        )
         totals = self.all_gather(totals).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else totals
         nll, ntok = float(totals[0]), max(float(totals[1]), 1.0)
         loss = nll / ntok

@@ -74,10 +74,9 @@ class Tokenizer:
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         got = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-        if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise ValueError(
-                f"{source}: special ids (pad, unk, bos, eos) must be {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}, got {got}"
-            )
+        want = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+        if got != want:
+            raise ValueError(f"{source}: special ids (pad, unk, bos, eos) must be {want}, got {got}")
         self.vocab_size: int = self._sp.get_piece_size()
 
     # -- encoding ----------------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""Beam-4 decoding throughput: our cached beam search against Hugging Face ``generate(num_beams=4)``.
+
+    .venv/bin/python bench/decode_speed.py --quick        # < 3 minutes on 2 cores
+    .venv/bin/python bench/decode_speed.py                # more repeats, a larger batch
+
+Both sides decode the same random-weight model shape (post-LN encoder-decoder, ReLU feed-forward, shared
+embeddings scaled by sqrt(d_model), sinusoidal positions): ours is ``Transformer``, theirs a
+``transformers.MarianMTModel`` built from a ``MarianConfig`` of the same dimensions (no download).
+
+Fair comparison, same work on both sides:
+- The same batch of B sources of the same length, beam 4, float32, dropout off, ``torch.set_num_threads``.
+- Exactly ``steps = out_len + 1`` decoder steps per sentence on both sides, no early end: random weights
+  would say EOS at random times, so EOS is suppressed. HF: ``min_new_tokens = max_new_tokens = steps``
+  (its ``MinNewTokensLengthLogitsProcessor`` sets the EOS score to -inf each step). Ours: the model is
+  wrapped so the EOS logit is pushed down by 1e4 (one column write per step, HF's cost too); at step
+  ``out_len`` our max length forces EOS, so each hypothesis has ``out_len`` tokens + EOS = ``steps``.
+- Throughput = B * steps / seconds (best of the repeats, after a warm-up run), encoder included.
+- "no cache" re-runs ``model.decode`` over the whole prefix at every step (our ``use_cache=False``).
+
+Prints a table and, LAST, one JSON line with the paper-base figures (``ours_tok_s``, ``hf_tok_s``,
+``ours_nocache_tok_s``, ``speedup_vs_hf``, ``cache_speedup``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from transformer_lit.decoding import beam_search  # noqa: E402
+from transformer_lit.model import Transformer  # noqa: E402
+
+PAD, BOS, EOS = 0, 2, 3
+SIZES = {
+    "tiny": dict(num_layers=2, d_model=64, d_ff=256, num_heads=4, d_k=16, d_v=16, vocab=1000),
+    "base": dict(num_layers=6, d_model=512, d_ff=2048, num_heads=8, d_k=64, d_v=64, vocab=37000),
+}
+
+
+class NoEOS(nn.Module):
+    """Our model with the EOS logit pushed down by 1e4, so beam search runs to its max length."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self.pad_id, self.positional = model.pad_id, model.positional
+
+    def encode(self, src: Tensor):
+        return self.model.encode(src)
+
+    def init_cache(self, memory: Tensor, src_pad_mask: Tensor):
+        return self.model.init_cache(memory, src_pad_mask)
+
+    def decode_step(self, tokens: Tensor, cache) -> Tensor:
+        logits = self.model.decode_step(tokens, cache)  # (rows, V)
+        logits[:, EOS] -= 1e4
+        return logits
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_pad_mask: Tensor) -> Tensor:
+        logits = self.model.decode(tgt_in, memory, src_pad_mask)  # (rows, t, V)
+        logits[:, :, EOS] -= 1e4
+        return logits
+
+
+def build_ours(size: dict) -> Transformer:
+    kw = {k: v for k, v in size.items() if k != "vocab"}
+    torch.manual_seed(0)
+    return Transformer(vocab_size=size["vocab"], dropout=0.0, **kw).eval()
+
+
+def build_hf(size: dict):
+    from transformers import MarianConfig, MarianMTModel
+
+    cfg = MarianConfig(
+        vocab_size=size["vocab"], d_model=size["d_model"],
+        encoder_layers=size["num_layers"], decoder_layers=size["num_layers"],
+        encoder_attention_heads=size["num_heads"], decoder_attention_heads=size["num_heads"],
+        encoder_ffn_dim=size["d_ff"], decoder_ffn_dim=size["d_ff"], activation_function="relu",
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True,
+        max_position_embeddings=512, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
+        forced_eos_token_id=None, bos_token_id=None, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return MarianMTModel(cfg).eval()
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, one-off caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_size(name: str, args: argparse.Namespace, repeats: int, nocache: bool) -> dict[str, float]:
+    size = SIZES[name]
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randint(4, size["vocab"], (args.batch, args.src_len), generator=gen)  # (B, s)
+    src[:, -1] = EOS
+    steps = args.out_len + 1
+    ours = NoEOS(build_ours(size))
+    max_len_b = args.out_len - args.src_len  # max length = s (non-PAD, EOS included) + max_len_b = out_len
+
+    def run_ours(use_cache: bool = True) -> None:
+        hyps = beam_search(ours, src, beam_size=args.beam, alpha=0.6, max_len_b=max_len_b, use_cache=use_cache)
+        assert all(len(h.tokens) == args.out_len for h in hyps), "ours must decode exactly out_len tokens"
+
+    hf = build_hf(size)
+    mask = torch.ones_like(src)
+
+    def run_hf() -> None:
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=src, attention_mask=mask, num_beams=args.beam, do_sample=False,
+                max_new_tokens=steps, min_new_tokens=steps, length_penalty=0.6, early_stopping=False,
+            )  # fmt: skip
+        assert out.size(1) == steps + 1, f"HF produced {out.size(1) - 1} tokens, expected {steps}"
+
+    tokens = args.batch * steps
+    res = {"ours_tok_s": tokens / best_time(run_ours, repeats), "hf_tok_s": tokens / best_time(run_hf, repeats)}
+    if nocache:
+        res["ours_nocache_tok_s"] = tokens / best_time(lambda: run_ours(False), 1 if args.quick else repeats)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (< 3 minutes on 2 cores)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: the machine default)")
+    parser.add_argument("--batch", type=int, default=None, help="sentences (default 16 quick, 32 full)")
+    parser.add_argument("--src-len", type=int, default=25, help="source tokens, EOS included")
+    parser.add_argument("--out-len", type=int, default=50, help="output tokens (+ EOS)")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--sizes", default="tiny,base")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch = args.batch or (16 if args.quick else 32)
+    repeats = 1 if args.quick else 3
+    import transformers
+
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or 'cpu'}, "
+        f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; batch {args.batch} x beam "
+        f"{args.beam}, source {args.src_len} tokens, {args.out_len + 1} steps per sentence",
+        flush=True,
+    )
+    results: dict[str, dict[str, float]] = {}
+    header = f"{'size':<6} {'ours tok/s':>11} {'HF tok/s':>11} {'no-cache tok/s':>15} {'vs HF':>7} {'cache':>7}"
+    print(header)
+    print("-" * len(header))
+    for name in args.sizes.split(","):
+        r = results[name] = run_size(name, args, repeats, nocache=True)
+        nc = r.get("ours_nocache_tok_s", float("nan"))
+        print(
+            f"{name:<6} {r['ours_tok_s']:>11.0f} {r['hf_tok_s']:>11.0f} {nc:>15.0f} "
+            f"{r['ours_tok_s'] / r['hf_tok_s']:>6.2f}x {r['ours_tok_s'] / nc:>6.1f}x",
+            flush=True,
+        )
+    base = results.get("base") or next(iter(results.values()))
+    summary = {
+        "size": "base" if "base" in results else next(iter(results)),
+        **{k: round(v, 1) for k, v in base.items()},
+        "speedup_vs_hf": round(base["ours_tok_s"] / base["hf_tok_s"], 3),
+        "cache_speedup": round(base["ours_tok_s"] / base["ours_nocache_tok_s"], 2),
+        "batch": args.batch,
+        "beam": args.beam,
+        "steps": args.out_len + 1,
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

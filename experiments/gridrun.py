@@ -1,0 +1,422 @@
+"""``tlit grid run / status / plan``: a grid's runs, what state each is in, and running the rest.
+
+The run folders are the only state: a run is *done* when its summary.json says complete, *running* while a
+live process holds its ``run.lock``, *failed* when ``failed.json`` records the last grid's verdict,
+*interrupted* when it has a log or checkpoint but none of the above (it resumes from its last
+checkpoint), and *pending* otherwise. So ``status`` works from any shell, during a run or after a crash.
+
+Planning and status import no torch; only the training children do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from experiments import grid as G
+from experiments import locks
+from experiments import run as R
+from experiments.launchers import base as B
+from transformer_lit import config as C
+from transformer_lit.params import count_parameters
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """An argparse parser that accepts ``FILE --scale tiny k=v --rows A k=v``: options between positionals.
+
+    Plain argparse stops filling a ``nargs="*"`` positional at the first option, so the overrides after
+    ``--scale tiny`` would be "unrecognized arguments". Used as the parser class of the ``grid`` subcommands.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def make_launcher(
+    name: str,
+    *,
+    devices: str = "all",
+    retries: int = 1,
+    lock_timeout: float = locks.DEFAULT_STALE_AFTER,
+    slurm: Any = None,
+    job_name: str = "tlit",
+) -> B.Launcher:
+    """``local`` (this node's ``devices``) or ``slurm`` (``slurm``: a ``SlurmOptions``)."""
+    if retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {retries}")
+    if name == "local":
+        from experiments.launchers.local import LocalLauncher, parse_devices
+
+        return LocalLauncher(parse_devices(devices), retries=retries, lock_timeout=lock_timeout)
+    if name == "slurm":
+        from experiments.launchers.slurm import SlurmLauncher, SlurmOptions
+
+        return SlurmLauncher(
+            slurm or SlurmOptions(), retries=retries, lock_timeout=lock_timeout, name=job_name
+        )
+    raise ValueError(f"--launcher must be local or slurm, got {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selecting runs
+
+
+def select_rows(grid: G.Grid, rows: str | None) -> list[str] | None:
+    """``"A1,B"`` -> ``["A1", "B1", "B2"]``: a name is a row, or a group letter standing for its rows
+    (``B`` -> B1, B2, as Table 3 groups them). None: every row."""
+    if not rows:
+        return None
+    out: list[str] = []
+    for token in (t.strip() for t in rows.split(",")):
+        if not token:
+            continue
+        if token in grid.rows:
+            names = [token]
+        else:
+            names = [r for r in grid.rows if r.startswith(token) and r[len(token) :].isdigit()]
+        if not names:
+            raise G.GridError(
+                f"{grid.path}: --rows: unknown row or group {token!r}; rows are: {', '.join(grid.rows)}"
+            )
+        out += [n for n in names if n not in out]
+    return out
+
+
+def parse_seeds(seeds: str | int) -> int | list[int]:
+    """``3`` -> seeds 0, 1, 2; ``"1,4"`` -> seeds 1 and 4."""
+    text = str(seeds).strip()
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--seeds must be a count (3) or a list (0,2), got {seeds!r}") from None
+    if n < 1:
+        raise ValueError(f"--seeds must be at least 1, got {n}")
+    return n
+
+
+def specs_for(
+    grid: G.Grid,
+    scale: str | None,
+    *,
+    rows: str | None = None,
+    seeds: str | int = 1,
+    overrides: Sequence[str] = (),
+    runs: str | Path = "results/runs",
+) -> list[G.RunSpec]:
+    """The grid's runs (rows x seeds) with the user's ``key=value`` overrides applied."""
+    values = dict(C.parse_override(o) for o in overrides)
+    return G.expand(
+        grid,
+        scale or grid.default_scale,
+        rows=select_rows(grid, rows),
+        seeds=parse_seeds(seeds),
+        overrides=values,
+        runs_root=runs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State of a run folder
+
+
+@dataclass
+class RunState:
+    spec: G.RunSpec
+    state: str
+    """done | running | failed | interrupted | pending."""
+    summary: dict[str, Any] | None = None
+    elapsed: float | None = None
+    detail: str = ""
+
+
+def run_state(spec: G.RunSpec, lock_timeout: float = locks.DEFAULT_STALE_AFTER) -> RunState:
+    run_dir = spec.run_dir
+    summary = R.read_summary(run_dir)
+    if summary is not None and summary.get("status") == "complete":
+        return RunState(spec, "done", summary, summary.get("wall_seconds"))
+    holder = locks.lock_is_held(run_dir, lock_timeout)
+    if holder is not None:
+        return RunState(spec, "running", None, time.time() - holder.started, holder.describe())
+    failed = _read_json(run_dir / R.FAILED)
+    if failed is not None:
+        return RunState(spec, "failed", None, None, str(failed.get("error", "")))
+    if (run_dir / B.LOG_NAME).is_file() or (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return RunState(spec, "interrupted", None, None, "resumes from its last checkpoint")
+    return RunState(spec, "pending")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _num(summary: dict[str, Any] | None, key: str, fmt: str) -> str:
+    value = (summary or {}).get(key)
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
+def format_status(states: Sequence[RunState]) -> str:
+    """One line per run, then totals (what ``tlit grid status`` prints)."""
+    label = {"interrupted": "pending (interrupted)"}
+    width = max([len(s.spec.name) for s in states] + [3])
+    lines = [f"{'run':<{width}}  {'state':<21}  {'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
+    for s in states:
+        lines.append(
+            f"{s.spec.name:<{width}}  {label.get(s.state, s.state):<21}  "
+            f"{_num(s.summary, 'ppl_dev', '.2f'):>8}  {_num(s.summary, 'bleu_dev', '.2f'):>8}  "
+            f"{fmt_seconds(s.elapsed):>8}  {s.detail}".rstrip()
+        )
+    counts = {
+        k: sum(s.state == k for s in states) for k in ("done", "running", "failed", "interrupted", "pending")
+    }
+    lines.append(
+        f"total {len(states)}: {counts['done']} done, {counts['running']} running, "
+        f"{counts['failed']} failed, {counts['interrupted'] + counts['pending']} pending "
+        f"({counts['interrupted']} interrupted)"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan
+
+
+def lpt_makespan(costs: Sequence[float], slots: int) -> float:
+    """Makespan of longest-first list scheduling of 1-slot jobs on ``slots`` identical slots."""
+    ends = [0.0] * max(1, slots)
+    for cost in sorted(costs, reverse=True):
+        heapq.heapreplace(ends, ends[0] + cost)
+    return max(ends)
+
+
+def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout: float) -> str:
+    """What ``tlit grid run`` would do: every run, its size, its rough cost, and whether it is done."""
+    width = max([len(s.name) for s in specs] + [3])
+    lines = [f"{'run':<{width}}  {'label':<20}  {'params':>11}  {'steps':>8}  {'est.':>8}  state"]
+    todo: list[float] = []
+    for spec in specs:
+        cfg = spec.config
+        params = count_parameters(cfg.model, cfg.data.vocab_size)
+        est = B.estimate_seconds(cfg, kind)
+        state = run_state(spec, lock_timeout).state
+        if state != "done":
+            todo.append(est * cfg.train.devices)
+        lines.append(
+            f"{spec.name:<{width}}  {spec.label[:20]:<20}  {params:>11,}  {cfg.train.max_steps:>8,}  "
+            f"{fmt_seconds(est):>8}  {'done (skipped)' if state == 'done' else state}"
+        )
+    lines.append(
+        f"{len(todo)} of {len(specs)} runs to do, ~{fmt_seconds(sum(todo))} of work, "
+        f"~{fmt_seconds(lpt_makespan(todo, slots))} on {slots} {kind} slot(s). Estimates are rough "
+        "(params x tokens x steps, calibrated on 2 CPU cores, plus a fixed overhead per run); "
+        "the live ETA follows the observed speed."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run
+
+
+def grid_jobs(
+    specs: Sequence[G.RunSpec], grid_path: str | Path, overrides: Sequence[str], launcher: B.Launcher
+) -> tuple[list[B.Job], list[B.JobResult]]:
+    """Jobs for the runs still to do, and SKIPPED results for the complete ones."""
+    jobs, skipped = [], []
+    for spec in specs:
+        if B.is_complete(spec.run_dir):
+            locks.clear_stale(spec.run_dir)
+            skipped.append(
+                B.JobResult(spec.name, spec.run_dir, B.JobState.SKIPPED, message="already complete")
+            )
+        else:
+            jobs.append(B.job_for_spec(spec, grid_path, overrides, launcher))
+    return jobs, skipped
+
+
+def final_lines(specs: Sequence[G.RunSpec], results: dict[str, B.JobResult]) -> list[str]:
+    """One line per run after the grid: its result, metrics where done, time, and why it failed."""
+    width = max([len(s.name) for s in specs] + [3])
+    lines = []
+    for spec in specs:
+        r = results.get(spec.name)
+        state = r.state.value if r else "pending"
+        summary = R.read_summary(spec.run_dir)
+        metrics = ""
+        if summary and summary.get("status") == "complete":
+            metrics = (
+                f"ppl_dev={_num(summary, 'ppl_dev', '.2f')} bleu_dev={_num(summary, 'bleu_dev', '.2f')} "
+            )
+        seconds = r.seconds if r and r.seconds else (summary or {}).get("wall_seconds")
+        note = f" ({r.message})" if r and r.message and r.state != B.JobState.SKIPPED else ""
+        attempts = f" attempts={r.attempts}" if r and r.attempts > 1 else ""
+        lines.append(
+            f"{spec.name:<{width}}  {state:<11}  {metrics}time={fmt_seconds(seconds)}{attempts}{note}"
+        )
+    return lines
+
+
+def exit_code(results: Sequence[B.JobResult], stopped_by: int | None = None) -> int:
+    if stopped_by is not None:
+        return 128 + stopped_by
+    return 0 if all(r.state.ok for r in results) else 1
+
+
+def run_grid(
+    specs: Sequence[G.RunSpec],
+    grid_path: str | Path,
+    overrides: Sequence[str],
+    launcher: B.Launcher,
+    out: TextIO,
+    *,
+    live: bool | None = None,
+) -> int:
+    """Run what is left of ``specs`` with ``launcher``, showing progress on ``out``; returns the exit code."""
+    jobs, skipped = grid_jobs(specs, grid_path, overrides, launcher)
+    if skipped:
+        print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
+    results = {r.name: r for r in skipped}
+    if jobs:
+        with GridDisplay(jobs, out, live=live) as display:
+            for r in launcher.run(jobs, on_update=display.update):
+                results[r.name] = r
+    for line in final_lines(specs, results):
+        print(line, file=out)
+    stopped = getattr(launcher, "stopped_by", None)
+    if stopped is not None:
+        print("interrupted: rerun the same command to resume (finished runs are kept)", file=out)
+    return exit_code(list(results.values()), stopped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Live progress
+
+
+def eta_seconds(jobs: dict[str, B.Job], p: B.Progress) -> float:
+    """Time left: the remaining estimated work (scaled by the observed speed) spread over the slots, but no
+    less than the longest job still to finish."""
+    left = [p.speed * jobs[n].cost for n, s in p.states.items() if s == B.JobState.PENDING]
+    left += [max(0.0, p.speed * jobs[n].cost - el) for n, el in p.running.items()]
+    slot_work = sum(
+        p.speed * jobs[n].cost * jobs[n].slots for n, s in p.states.items() if s == B.JobState.PENDING
+    )
+    slot_work += sum(max(0.0, p.speed * jobs[n].cost - el) * jobs[n].slots for n, el in p.running.items())
+    return max([slot_work / max(1, p.slots_total), *left, 0.0])
+
+
+class GridDisplay:
+    """Shows the grid's progress: a rich live panel on a terminal, one line per finished run otherwise."""
+
+    def __init__(self, jobs: Sequence[B.Job], out: TextIO, *, live: bool | None = None) -> None:
+        from rich.console import Console
+
+        self.jobs = {j.name: j for j in jobs}
+        self.console = Console(file=out, highlight=False)
+        self.live_mode = self.console.is_terminal if live is None else live
+        self.t0 = time.time()
+        self._seen: dict[str, B.JobState] = {}
+        self._live: Any = None
+
+    def __enter__(self) -> GridDisplay:
+        if self.live_mode:
+            from rich.live import Live
+
+            self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, p: B.Progress) -> None:
+        if self._live is not None:
+            self._live.update(self.render(p))
+            return
+        for name, state in p.states.items():  # plain mode: a line per state change
+            if self._seen.get(name) != state and state != B.JobState.PENDING:
+                self._seen[name] = state
+                done = sum(s.ok or s == B.JobState.FAILED for s in p.states.values())
+                r = p.results.get(name)
+                note = f" {fmt_seconds(r.seconds)}" if r and r.seconds else ""
+                note += f" ({r.message})" if r and r.message else ""
+                print(
+                    f"[{done:>3}/{len(p.states)}] {state.value:<11} {name}{note}",
+                    file=self.console.file,
+                    flush=True,
+                )
+
+    def counts(self, p: B.Progress) -> dict[str, int]:
+        c = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+        for s in p.states.values():
+            key = "done" if s.ok else s.value if s.value in c else "pending"
+            c[key] += 1
+        return c
+
+    def render(self, p: B.Progress) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        total = sum(j.cost * j.slots for j in self.jobs.values()) or 1.0
+        finished = sum(
+            self.jobs[n].cost * self.jobs[n].slots
+            for n, s in p.states.items()
+            if s.ok or s == B.JobState.FAILED
+        )
+        partial = sum(
+            min(0.99, el / max(1e-9, p.speed * self.jobs[n].cost)) * self.jobs[n].cost * self.jobs[n].slots
+            for n, el in p.running.items()
+        )
+        c = self.counts(p)
+        head = Table.grid(padding=(0, 1))
+        head.add_row(
+            ProgressBar(total=total, completed=finished + partial, width=30),
+            f"[green]{c['done']} done[/] · [cyan]{c['running']} running[/] · [red]{c['failed']} failed[/] · "
+            f"{c['pending']} pending   elapsed {fmt_seconds(time.time() - self.t0)}   "
+            f"ETA ~{fmt_seconds(eta_seconds(self.jobs, p))}   "
+            f"slots {p.slots_total - p.slots_free}/{p.slots_total}",
+        )
+        rows = Table.grid(padding=(0, 2))
+        for name, el in sorted(p.running.items()):
+            rows.add_row(
+                "  [cyan]running[/]",
+                name,
+                f"{fmt_seconds(el)} / ~{fmt_seconds(p.speed * self.jobs[name].cost)}",
+            )
+        failed = [n for n, s in p.states.items() if s == B.JobState.FAILED]
+        for name in failed[-5:]:
+            rows.add_row("  [red]failed[/]", name, p.results[name].message if name in p.results else "")
+        return Group(head, rows)
+
+
+def default_out() -> TextIO:
+    return sys.stdout

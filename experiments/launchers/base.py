@@ -1,0 +1,316 @@
+"""What every launcher shares: a Job (one run as an argv list), its result, its log, its cost estimate.
+
+A job is ``python -m experiments.cli train --grid F --row R --scale S --seed K --out RUN_DIR k=v ...``
+as a list of strings: user strings never pass through a shell. Its stdout and stderr go to
+``RUN_DIR/train.log``, appended across attempts, each attempt under a header line. A job is complete
+when its run folder's ``summary.json`` says so; an exit status of 0 without one is a failure.
+
+No torch here: planning and status import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments import run as R
+from experiments.grid import RunSpec
+from transformer_lit import config as C
+from transformer_lit.params import count_parameters
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "train.log"
+TAIL_LINES = 20
+USER_ERROR_EXIT = 2
+"""``tlit`` exits with 2 on a user error (bad config, conflicting run folder): retrying cannot help."""
+
+# Cost model, deliberately rough: seconds ~ OVERHEAD + params x tokens x steps x SECONDS_PER_PARAM_TOKEN.
+# The constant is calibrated on 2 shared CPU cores, one thread per run (tiny scale); on GPUs it is divided by
+# GPU_SPEEDUP. It only orders jobs (longest first) and seeds the ETA, which then follows observed speed.
+RUN_OVERHEAD_S = 20.0
+"""Per run: interpreter + torch/Lightning import, tokenizer, data, final dev BLEU by beam search."""
+SECONDS_PER_PARAM_TOKEN = 3.0e-10
+GPU_SPEEDUP = 50.0
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    """Completed by this launcher."""
+    SKIPPED = "skipped"
+    """Already complete before (or completed by another grid meanwhile)."""
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    """Stopped by Ctrl-C / SIGTERM; resumes from its last checkpoint next time."""
+
+    @property
+    def ok(self) -> bool:
+        return self in (JobState.DONE, JobState.SKIPPED)
+
+
+@dataclass
+class Job:
+    """One run to execute.
+
+    Attributes:
+        name: ``grid/scale/row/seedK`` (unique among the jobs of one ``run``).
+        argv: The command, a list of strings; never a shell string.
+        run_dir: The run folder: lock, log and summary live there.
+        slots: Device slots needed (``train.devices``): k GPUs, or k CPU workers.
+        cost: Estimated seconds on one slot set; orders the queue (longest first) and seeds the ETA.
+        env: Extra environment variables for the process.
+    """
+
+    name: str
+    argv: list[str]
+    run_dir: Path
+    slots: int = 1
+    cost: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_NAME
+
+
+@dataclass
+class JobResult:
+    name: str
+    run_dir: Path
+    state: JobState
+    attempts: int = 0
+    seconds: float = 0.0
+    """Wall time of this launcher's attempts (0 for skipped jobs)."""
+    message: str = ""
+
+
+@dataclass
+class Progress:
+    """A snapshot the launcher hands to its ``on_update`` callback (the live display)."""
+
+    states: dict[str, JobState]
+    running: dict[str, float]
+    """Name -> seconds since its current attempt started."""
+    slots_free: int
+    slots_total: int
+    speed: float
+    """Observed seconds per estimated second (1.0 until a job has finished here)."""
+    results: dict[str, JobResult]
+
+
+OnUpdate = Callable[[Progress], None]
+
+
+class Launcher:
+    """Runs jobs and returns one result per job, in the jobs' order."""
+
+    kind: str = "cpu"
+    """Where jobs run: ``cpu``, ``cuda`` or ``slurm``; decides the device overrides of train jobs."""
+
+    def device_overrides(self) -> list[str]:
+        """Overrides appended to every train job (after the user's): the launcher decides devices."""
+        return ["train.progress_bar=false"]
+
+    def run(self, jobs: Sequence[Job], on_update: OnUpdate | None = None) -> list[JobResult]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jobs from RunSpecs
+
+
+def estimate_seconds(cfg: C.RunConfig, kind: str = "cpu") -> float:
+    """Rough wall seconds of a run on its devices (see the constants above); no torch."""
+    params = count_parameters(cfg.model, cfg.data.vocab_size)
+    tokens_per_step = cfg.data.max_tokens * cfg.train.devices * R.accumulation(cfg, cfg.train.devices)
+    seconds = params * tokens_per_step * cfg.train.max_steps * SECONDS_PER_PARAM_TOKEN / cfg.train.devices
+    if kind != "cpu":
+        seconds /= GPU_SPEEDUP
+    return RUN_OVERHEAD_S + seconds
+
+
+def train_argv(spec: RunSpec, grid_path: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+    """The command that trains ``spec``: the child rebuilds the same config from grid, row, scale, seed and
+    overrides, and checks it against the run folder's ``config.yaml``."""
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "train",
+        "--grid",
+        str(grid_path),
+        "--row",
+        spec.row,
+        "--scale",
+        spec.scale,
+        "--seed",
+        str(spec.seed),
+        "--out",
+        str(spec.run_dir),
+        *overrides,
+    ]
+
+
+def job_for_spec(spec: RunSpec, grid_path: str | Path, overrides: Sequence[str], launcher: Launcher) -> Job:
+    """A train job for ``spec`` with the user's overrides followed by the launcher's device overrides."""
+    every = [*overrides, *launcher.device_overrides()]
+    cfg = C.apply_overrides(spec.config, launcher.device_overrides())
+    return Job(
+        name=spec.name,
+        argv=train_argv(spec, grid_path, every),
+        run_dir=spec.run_dir,
+        slots=cfg.train.devices,
+        cost=estimate_seconds(cfg, launcher.kind),
+    )
+
+
+def is_complete(run_dir: Path) -> bool:
+    summary = R.read_summary(run_dir)
+    return summary is not None and summary.get("status") == "complete"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes and logs
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log (reads only its end)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def open_log(job: Job, attempt: int, attempts: int, where: str) -> int:
+    """Open ``train.log`` for appending and write the attempt's header; returns a file descriptor."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(job.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    header = f"\n=== tlit grid: {job.name} attempt {attempt}/{attempts} at {stamp} on {where} ===\n"
+    os.write(fd, header.encode())
+    return fd
+
+
+def append_log(job: Job, text: str) -> None:
+    with contextlib.suppress(OSError), job.log_path.open("a") as f:
+        f.write(f"=== {text} ===\n")
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: on Linux, the child gets SIGKILL when the grid process dies (even by SIGKILL), so a
+    killed grid leaves no orphan training its runs behind a lock that is now stale."""
+
+    def preexec() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return preexec
+
+
+def spawn(job: Job, env: dict[str, str], log_fd: int, *, drop: Sequence[str] = ()) -> subprocess.Popen:
+    """Start ``job`` as its own process group (so it can be killed with its DDP children), with this
+    process's environment plus ``job.env`` and ``env``, minus the variables named in ``drop``."""
+    full_env = {k: v for k, v in {**os.environ, **job.env, **env}.items() if k not in drop}
+    return subprocess.Popen(
+        job.argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+    )
+
+
+def terminate(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM every process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def failure_message(returncode: int | None, run_dir: Path) -> str:
+    if returncode == 0:
+        return f"exited 0 but {run_dir / R.SUMMARY} is missing or not complete"
+    if returncode is not None and returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake jobs (benchmarks and tests of the scheduling, without training)
+
+_FAKE_JOB = """
+import json, os, sys, time
+run_dir, seconds, fail_times, ledger = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.makedirs(run_dir, exist_ok=True)
+def note(what):
+    if ledger:
+        with open(ledger, "a") as f:
+            f.write(f"{what} {run_dir} {os.getpid()} {time.time():.3f}\\n")
+counter = os.path.join(run_dir, "attempts.txt")
+n = int(open(counter).read()) if os.path.exists(counter) else 0
+open(counter, "w").write(str(n + 1))
+note("start")
+print(f"fake job {run_dir}: attempt {n + 1}, {seconds}s", flush=True)
+if n < fail_times:
+    print("fake failure", flush=True)
+    sys.exit(3)
+progress = os.path.join(run_dir, "progress.txt")  # a "checkpoint": a killed job resumes where it was
+done = float(open(progress).read()) if os.path.exists(progress) else 0.0
+start = time.monotonic() - done
+while done < seconds:
+    time.sleep(min(0.1, seconds - done))
+    done = time.monotonic() - start
+    open(progress + ".tmp", "w").write(str(done))
+    os.replace(progress + ".tmp", progress)
+tmp = os.path.join(run_dir, ".summary.tmp")
+with open(tmp, "w") as f:
+    json.dump({"status": "complete", "ppl_dev": 1.0 + seconds, "bleu_dev": 10.0, "wall_seconds": seconds}, f)
+os.replace(tmp, os.path.join(run_dir, "summary.json"))
+note("done")
+"""
+
+
+def fake_job(
+    name: str,
+    run_dir: str | Path,
+    seconds: float,
+    *,
+    fail_times: int = 0,
+    ledger: str | Path | None = None,
+    slots: int = 1,
+    cost: float | None = None,
+) -> Job:
+    """A job that sleeps ``seconds`` and writes a complete ``summary.json``; its first ``fail_times``
+    attempts exit 3 instead. Each start and finish is appended to ``ledger`` as ``start|done RUN_DIR PID
+    TIME``. Killed and restarted, it resumes from the time it had already slept (like a checkpointed run)."""
+    argv = [sys.executable, "-c", _FAKE_JOB, str(run_dir), str(seconds), str(fail_times), str(ledger or "")]
+    return Job(name, argv, Path(run_dir), slots=slots, cost=seconds if cost is None else cost)

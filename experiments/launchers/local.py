@@ -1,0 +1,403 @@
+"""The local launcher: this node's devices as slots, one process per job, longest jobs first.
+
+Slots are GPU ids (``--devices cuda:0,1,2,3`` or ``all``) or CPU workers (``cpu:2``; ``all`` without a GPU
+means one per core). A job that needs k slots (``train.devices = k``) gets k GPU ids in its
+``CUDA_VISIBLE_DEVICES`` and runs Lightning DDP; on CPU every job runs one thread per slot
+(``OMP_NUM_THREADS=1``, ``train.num_threads=1``): on 2 cores, two 1-thread jobs give ~1.6x the throughput of
+one 2-thread job, and two 2-thread jobs run ~90x slower (DESIGN.md field notes), so slots never
+oversubscribe cores.
+
+Scheduling is list scheduling in longest-processing-time-first order (estimated cost, ``base.Job.cost``),
+with EASY backfilling: when the longest waiting job needs more slots than are free, it reserves the time at
+which enough running jobs should have finished, and a shorter job may jump ahead only if it should finish
+before then; so a 2-slot job waits for 2 free slots without being starved by 1-slot jobs.
+
+Each job takes its run folder's lock (``experiments.locks``) before it starts and releases it after; a job
+locked by another live grid is waited for, not run twice. A failed job is retried ``retries`` times, then
+marked failed with the tail of its log, while the rest of the grid goes on. SIGINT/SIGTERM of the grid
+kill every child's process group and return; the interrupted runs resume from their checkpoints next time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from experiments import locks
+from experiments import run as R
+from experiments.launchers import base as B
+
+log = logging.getLogger(__name__)
+
+DEVICES_HELP = "all, cpu:N, cpu:all, cuda:all or cuda:ID[,ID...] (e.g. cuda:0,1)"
+LOCK_RECHECK_S = 2.0
+"""How often a job held by another grid is looked at again."""
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The device slots this node lends to the grid: GPU ids (as the children's CUDA_VISIBLE_DEVICES sees
+    them) or CPU worker names."""
+
+    kind: Literal["cpu", "cuda"]
+    ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{','.join(self.ids)}" if self.kind == "cuda" else f"cpu:{len(self.ids)}"
+
+
+def cpu_count() -> int:
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """Physical GPU ids this process may use, without importing torch (CUDA_VISIBLE_DEVICES, nvidia-smi)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [] if env.strip() in ("", "-1") else [g.strip() for g in env.split(",") if g.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def parse_devices(spec: str) -> Slots:
+    """``all`` | ``cpu:N`` | ``cpu:all`` | ``cuda:all`` | ``cuda:0,1`` -> Slots, else a one-line ValueError.
+
+    ``cuda:`` ids count among the visible GPUs, like torch's ``cuda:0``: with CUDA_VISIBLE_DEVICES=2,3,
+    ``cuda:0`` is physical GPU 2.
+    """
+    bad = ValueError(f"--devices {spec!r} is not understood; use {DEVICES_HELP}")
+    text = spec.strip().lower()
+    kind, _, rest = text.partition(":")
+    if text == "all":
+        gpus = visible_gpus()
+        return (
+            Slots("cuda", tuple(gpus)) if gpus else Slots("cpu", tuple(f"cpu{i}" for i in range(cpu_count())))
+        )
+    if kind == "cpu" and rest:
+        if rest == "all":
+            n = cpu_count()
+        elif rest.isdigit() and int(rest) > 0:
+            n = int(rest)
+        else:
+            raise bad
+        return Slots("cpu", tuple(f"cpu{i}" for i in range(n)))
+    if kind in ("cuda", "gpu") and rest:
+        gpus = visible_gpus()
+        if rest == "all":
+            if not gpus:
+                raise ValueError(f"--devices {spec!r}: no GPU is visible here; use cpu:N or cpu:all")
+            return Slots("cuda", tuple(gpus))
+        ids = [i.strip() for i in rest.split(",")]
+        if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
+            raise bad
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            if max(int(i) for i in ids) >= len(gpus):
+                raise ValueError(
+                    f"--devices {spec!r}: only {len(gpus)} GPU(s) visible (CUDA_VISIBLE_DEVICES)"
+                )
+            ids = [gpus[int(i)] for i in ids]
+        return Slots("cuda", tuple(ids))
+    raise bad
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _close(r: _Running) -> None:
+    os.close(r.log_fd)
+    if r.pidfd is not None:
+        os.close(r.pidfd)
+
+
+def lpt_order(jobs: Sequence[B.Job]) -> list[B.Job]:
+    """Longest (estimated) first; ties keep the grid's order."""
+    return sorted(jobs, key=lambda j: -j.cost)
+
+
+@dataclass
+class _Waiting:
+    """A job in the queue, with what it has spent so far."""
+
+    job: B.Job
+    attempts: int = 0
+    seconds: float = 0.0
+    not_before: float = 0.0
+    """A job locked by another grid is looked at again from this time on."""
+    note: str = ""
+
+
+@dataclass
+class _Running:
+    waiting: _Waiting
+    proc: subprocess.Popen
+    slot_ids: tuple[str, ...]
+    lock: locks.RunLock
+    started: float
+    log_fd: int
+    pidfd: int | None = None
+    """Readable once the process exits (Linux >= 5.3), to wake the scheduler at once."""
+
+    @property
+    def job(self) -> B.Job:
+        return self.waiting.job
+
+
+@dataclass
+class LocalLauncher(B.Launcher):
+    """Runs jobs on this node's slots.
+
+    Args:
+        slots: From ``parse_devices``.
+        retries: Extra attempts of a failing job before it is marked failed.
+        poll: Longest wait between two looks at the children (a child's exit wakes the scheduler at once).
+        lock_timeout: Seconds without heartbeat after which another host's lock is broken.
+        grace: Seconds between SIGTERM and SIGKILL when the grid is interrupted.
+    """
+
+    slots: Slots
+    retries: int = 1
+    poll: float = 0.5
+    lock_timeout: float = locks.DEFAULT_STALE_AFTER
+    grace: float = 10.0
+    stopped_by: int | None = field(default=None, init=False)
+    """The signal that interrupted the last ``run``, if any."""
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.slots.kind
+
+    def device_overrides(self) -> list[str]:
+        if self.slots.kind == "cpu":
+            return ["train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"]
+        return ["train.progress_bar=false"]
+
+    def env_for(self, slot_ids: Sequence[str]) -> dict[str, str]:
+        env = {"PYTHONUNBUFFERED": "1"}
+        if self.slots.kind == "cpu":
+            return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        threads = str(max(1, cpu_count() // len(self.slots)))
+        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(slot_ids), "OMP_NUM_THREADS": threads}
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[B.Job], on_update: B.OnUpdate | None = None) -> list[B.JobResult]:
+        too_big = [j for j in jobs if j.slots > len(self.slots)]
+        if too_big:
+            j = too_big[0]
+            raise ValueError(
+                f"{j.name} needs {j.slots} slots (train.devices) but --devices gives {len(self.slots)}"
+            )
+        self.stopped_by = None
+        self._results: dict[str, B.JobResult] = {}
+        self._pending = [_Waiting(j) for j in lpt_order(jobs)]
+        self._running: dict[str, _Running] = {}
+        self._free = list(self.slots.ids)
+        self._spent = self._estimated = 0.0
+        self._t0 = time.time()
+        restore = self._install_signal_handlers()
+        try:
+            while (self._pending or self._running) and self.stopped_by is None:
+                self._reap()
+                self._start_what_fits()
+                for r in self._running.values():
+                    r.lock.heartbeat()
+                if on_update is not None:
+                    on_update(self._progress())
+                self._wait_for_exit()
+        finally:
+            self._stop_all()
+            restore()
+            if on_update is not None:
+                on_update(self._progress())
+        return [self._results[j.name] for j in jobs]
+
+    def _wait_for_exit(self) -> None:
+        """Sleep until a child exits or ``poll`` seconds pass: select() on Linux pidfds makes the next job
+        start the moment a slot frees (scheduler overhead ~ms), elsewhere a plain sleep."""
+        fds = [r.pidfd for r in self._running.values() if r.pidfd is not None]
+        if not fds or any(r.pidfd is None for r in self._running.values()):
+            time.sleep(self.poll)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            select.select(fds, [], [], self.poll)
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, _frame: object) -> None:
+            self.stopped_by = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    @property
+    def speed(self) -> float:
+        """Observed seconds per estimated second over the jobs finished here."""
+        return self._spent / self._estimated if self._estimated > 0 else 1.0
+
+    def _progress(self) -> B.Progress:
+        now = time.time()
+        states = {w.job.name: B.JobState.PENDING for w in self._pending}
+        states |= {name: B.JobState.RUNNING for name in self._running}
+        states |= {name: r.state for name, r in self._results.items()}
+        running = {name: now - r.started for name, r in self._running.items()}
+        return B.Progress(states, running, len(self._free), len(self.slots), self.speed, dict(self._results))
+
+    def _finish(self, w: _Waiting, state: B.JobState, message: str = "") -> None:
+        self._results[w.job.name] = B.JobResult(
+            w.job.name, w.job.run_dir, state, w.attempts, w.seconds, message
+        )
+        log.debug("%s: %s%s", w.job.name, state.value, f" ({message})" if message else "")
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _start_what_fits(self) -> None:
+        now = time.time()
+        reserve_at: float | None = None  # when the longest blocked job should find its slots free
+        for w in list(self._pending):
+            if w.not_before > now:
+                continue
+            if w.job.slots > len(self._free):
+                if reserve_at is None:
+                    reserve_at = self._slots_free_at(w.job.slots, now)
+                continue
+            if reserve_at is not None and now + w.job.cost * self.speed > reserve_at:
+                continue  # would delay the reserved (longer) job
+            self._try_start(w, now)
+
+    def _slots_free_at(self, needed: int, now: float) -> float:
+        """Estimated time at which ``needed`` slots are free, from the running jobs' expected ends."""
+        ends = sorted(
+            (max(now, r.started + r.job.cost * self.speed), len(r.slot_ids)) for r in self._running.values()
+        )
+        free = len(self._free)
+        for end, n in ends:
+            free += n
+            if free >= needed:
+                return end
+        return now
+
+    def _try_start(self, w: _Waiting, now: float) -> None:
+        job = w.job
+        if B.is_complete(job.run_dir):
+            locks.clear_stale(job.run_dir, self.lock_timeout)
+            self._pending.remove(w)
+            return self._finish(w, B.JobState.SKIPPED, w.note and "completed by another grid")
+        lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
+        if not lock.acquire():
+            holder = locks.read_lock(job.run_dir)
+            w.not_before, w.note = now + LOCK_RECHECK_S, f"held by {holder.describe() if holder else '?'}"
+            return None
+        if B.is_complete(job.run_dir):  # finished between our check and our lock
+            lock.release()
+            self._pending.remove(w)
+            return self._finish(w, B.JobState.SKIPPED, "completed by another grid")
+        if w.note and self._failed_since_start(job):
+            lock.release()
+            self._pending.remove(w)
+            return self._finish(w, B.JobState.FAILED, "failed in another grid (see failed.json)")
+        w.attempts += 1
+        slot_ids = tuple(self._free[: job.slots])
+        del self._free[: job.slots]
+        attempts = self.retries + 1
+        where = f"{locks.hostname()} {self.slots.kind}:{','.join(slot_ids)}"
+        fd = B.open_log(job, w.attempts, attempts, where)
+        try:
+            proc = B.spawn(job, self.env_for(slot_ids), fd)
+        except OSError as err:
+            os.close(fd)
+            self._free.extend(slot_ids)
+            lock.release()
+            self._pending.remove(w)
+            R.mark_failed(job.run_dir, f"could not start: {err}")
+            return self._finish(w, B.JobState.FAILED, f"could not start: {err}")
+        self._pending.remove(w)
+        self._running[job.name] = _Running(w, proc, slot_ids, lock, time.time(), fd, _pidfd(proc.pid))
+        log.debug("started %s on %s (pid %d)", job.name, where, proc.pid)
+        return None
+
+    def _failed_since_start(self, job: B.Job) -> bool:
+        path = job.run_dir / R.FAILED
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime >= self._t0
+        return False
+
+    def _reap(self) -> None:
+        for name, r in list(self._running.items()):
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            del self._running[name]
+            _close(r)
+            self._free.extend(r.slot_ids)
+            self._free.sort(key=self.slots.ids.index)
+            w = r.waiting
+            elapsed = time.time() - r.started
+            w.seconds += elapsed
+            if rc == 0 and B.is_complete(r.job.run_dir):
+                r.lock.release()
+                self._spent += elapsed
+                self._estimated += r.job.cost
+                self._finish(w, B.JobState.DONE)
+                continue
+            message = B.failure_message(rc, r.job.run_dir)
+            B.append_log(r.job, f"attempt {w.attempts} failed: {message}")
+            if w.attempts <= self.retries and rc != B.USER_ERROR_EXIT:
+                r.lock.release()
+                w.note = ""
+                self._pending.insert(self._position(w), w)
+                log.warning("%s: %s; retrying (%d/%d)", name, message, w.attempts, self.retries)
+                continue
+            R.mark_failed(r.job.run_dir, message, B.log_tail(r.job.log_path))
+            r.lock.release()
+            self._finish(w, B.JobState.FAILED, message)
+
+    def _position(self, w: _Waiting) -> int:
+        """Where a retried job goes back in the LPT-ordered queue."""
+        for i, other in enumerate(self._pending):
+            if other.job.cost < w.job.cost:
+                return i
+        return len(self._pending)
+
+    def _stop_all(self) -> None:
+        """Kill the running children (interrupt or error), release their locks, record them as interrupted."""
+        if self._running:
+            B.terminate([r.proc for r in self._running.values()], self.grace)
+        for r in self._running.values():
+            _close(r)
+            B.append_log(r.job, "interrupted by the grid; resumes from its last checkpoint next time")
+            r.lock.release()
+            w = r.waiting
+            w.seconds += time.time() - r.started
+            self._finish(w, B.JobState.INTERRUPTED, "interrupted; resumes from its last checkpoint")
+        self._running.clear()
+        for w in self._pending:
+            self._results.setdefault(w.job.name, B.JobResult(w.job.name, w.job.run_dir, B.JobState.PENDING))
+        self._pending.clear()

@@ -1,0 +1,347 @@
+"""``tlit grid run / status / plan``: run selection, states read from run folders, the plan without torch,
+the jobs a grid builds, the progress display, and (slow) real grids on CPU, killed and resumed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import cli, gridrun, locks
+from experiments import grid as G
+from experiments.launchers import base as B
+from experiments.launchers import local as L
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table3() -> G.Grid:
+    return G.load_grid("table3")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection and parsing
+
+
+def test_rows_by_name_and_by_group(table3):
+    assert gridrun.select_rows(table3, "A1,B") == ["A1", "B1", "B2"]
+    assert gridrun.select_rows(table3, "big, base,A1,A1") == ["big", "base", "A1"]
+    assert gridrun.select_rows(table3, None) is None
+    with pytest.raises(G.GridError, match="unknown row or group 'Z9'"):
+        gridrun.select_rows(table3, "A1,Z9")
+
+
+def test_seeds():
+    assert gridrun.parse_seeds("3") == 3 and gridrun.parse_seeds("0,2") == [0, 2]
+    for bad in ("0", "x", "1,a"):
+        with pytest.raises(ValueError, match="--seeds"):
+            gridrun.parse_seeds(bad)
+
+
+def test_grid_run_accepts_options_between_file_and_overrides():
+    args = cli.build_parser().parse_args(
+        [
+            "grid",
+            "run",
+            "table3",
+            "train.max_steps=4",
+            "--scale",
+            "tiny",
+            "model.d_k=4",
+            "--rows",
+            "A1",
+            "--no-wandb",
+        ]
+    )
+    assert args.func is cli.cmd_grid_run and args.file == "table3" and args.scale == "tiny"
+    assert args.overrides == ["train.max_steps=4", "model.d_k=4"] and args.rows == "A1" and args.no_wandb
+    assert args.devices == "all" and args.retries == 1 and args.launcher == "local"
+
+
+def test_train_jobs_rebuild_the_same_run(table3, tmp_path):
+    launcher = L.LocalLauncher(L.parse_devices("cpu:2"))
+    specs = gridrun.specs_for(
+        table3, "tiny", rows="base,big", seeds=2, overrides=["train.max_steps=7"], runs=tmp_path
+    )
+    jobs, skipped = gridrun.grid_jobs(specs, table3.path, ["train.max_steps=7"], launcher)
+    assert not skipped and [j.name for j in jobs] == [s.name for s in specs]
+    big, base = jobs[2], jobs[0]
+    assert big.cost > base.cost and base.slots == 1
+    args = cli.build_parser().parse_args(base.argv[3:])  # what the child process will parse
+    assert args.func is cli.cmd_train and args.row == "base" and args.scale == "tiny" and args.seed == 0
+    assert Path(args.out) == specs[0].run_dir
+    assert args.overrides[0] == "train.max_steps=7"
+    assert {"train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"} <= set(args.overrides)
+    assert base.argv[:3] == [sys.executable, "-m", "experiments.cli"]
+
+
+def test_slots_follow_train_devices(table3, tmp_path):
+    launcher = L.LocalLauncher(L.parse_devices("cpu:2"))
+    (spec,) = gridrun.specs_for(table3, "tiny", rows="base", overrides=["train.devices=2"], runs=tmp_path)
+    assert B.job_for_spec(spec, table3.path, ["train.devices=2"], launcher).slots == 2
+
+
+def test_costs_order_the_rows_sensibly(table3):
+    cost = {r: B.estimate_seconds(table3.config(r, "tiny")) for r in ("base", "C1", "C3", "big")}
+    assert cost["big"] > cost["C3"] > cost["base"] > cost["C1"] > B.RUN_OVERHEAD_S
+    assert B.estimate_seconds(table3.config("base", "tiny"), "cuda") < cost["base"]
+
+
+def test_lpt_makespan():
+    assert gridrun.lpt_makespan([3, 3, 2, 2, 2], 2) == 7
+    assert gridrun.lpt_makespan([5], 4) == 5
+    assert gridrun.lpt_makespan([], 2) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Status and plan on fixture folders
+
+
+def _fixture_runs(table3, root: Path) -> list[G.RunSpec]:
+    """base done, A1 failed, A2 running (held by us), A3 interrupted, A4 pending."""
+    specs = gridrun.specs_for(table3, "tiny", rows="base,A", runs=root)
+    by_row = {s.row: s for s in specs}
+    for s in specs:
+        s.run_dir.mkdir(parents=True)
+    (by_row["base"].run_dir / "summary.json").write_text(
+        json.dumps({"status": "complete", "ppl_dev": 4.321, "bleu_dev": 25.5, "wall_seconds": 125.0})
+    )
+    (by_row["A1"].run_dir / "failed.json").write_text(
+        json.dumps({"status": "failed", "error": "exited with status 1"})
+    )
+    (by_row["A1"].run_dir / "train.log").write_text("boom\n")
+    (by_row["A3"].run_dir / "train.log").write_text("step 10\n")
+    return specs
+
+
+def test_status_lines_and_totals(table3, tmp_path):
+    specs = _fixture_runs(table3, tmp_path)
+    lock = locks.RunLock(specs[2].run_dir)  # A2
+    assert lock.acquire()
+    try:
+        text = gridrun.format_status([gridrun.run_state(s) for s in specs])
+    finally:
+        lock.release()
+    lines = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    assert "done" in lines["table3/tiny/base/seed0"] and "4.32" in lines["table3/tiny/base/seed0"]
+    assert "25.50" in lines["table3/tiny/base/seed0"] and "2m05s" in lines["table3/tiny/base/seed0"]
+    assert (
+        "failed" in lines["table3/tiny/A1/seed0"] and "exited with status 1" in lines["table3/tiny/A1/seed0"]
+    )
+    assert (
+        "running" in lines["table3/tiny/A2/seed0"] and f"pid {os.getpid()}" in lines["table3/tiny/A2/seed0"]
+    )
+    assert "pending (interrupted)" in lines["table3/tiny/A3/seed0"]
+    assert lines["table3/tiny/A4/seed0"].split()[1] == "pending"
+    assert text.splitlines()[-1] == "total 5: 1 done, 1 running, 1 failed, 2 pending (1 interrupted)"
+
+
+def test_status_command(table3, tmp_path, capsys):
+    _fixture_runs(table3, tmp_path)
+    assert (
+        cli.main(["grid", "status", "table3", "--scale", "tiny", "--rows", "base,A", "--runs", str(tmp_path)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "total 5: 1 done, 0 running, 1 failed, 3 pending (1 interrupted)" in out
+
+
+def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
+    _fixture_runs(table3, tmp_path)
+    argv = ["grid", "plan", "table3", "--scale", "tiny", "--rows", "base,A1,big", "--runs", str(tmp_path)]
+    code = (
+        "import sys; from experiments import cli; "
+        f"rc = cli.main({argv + ['--devices', 'cpu:2']!r}); "
+        "assert 'torch' not in sys.modules, 'plan imported torch'; sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
+    assert (
+        "done (skipped)" in lines["table3/tiny/base/seed0"] and "764,416" in lines["table3/tiny/base/seed0"]
+    )
+    assert "2,905,088" in lines["table3/tiny/big/seed0"] and "3,600" in lines["table3/tiny/big/seed0"]
+    assert "failed" in lines["table3/tiny/A1/seed0"]
+    assert out.stdout.splitlines()[-1].startswith("2 of 3 runs to do")
+    assert "on 2 cpu slot(s)" in out.stdout and "rough" in out.stdout
+
+
+def test_bad_devices_and_rows_fail_in_one_line(capsys):
+    assert cli.main(["grid", "plan", "table3", "--devices", "tpu:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tlit grid: error: --devices 'tpu:1'") and "\n" not in err
+    assert cli.main(["grid", "status", "table3", "--rows", "Q"]) == 2
+    assert "unknown row or group 'Q'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running (fake launcher) and the display
+
+
+class _FakeLauncher(B.Launcher):
+    def __init__(self, states: dict[str, B.JobState]):
+        self.states, self.seen = states, []
+
+    def run(self, jobs, on_update=None):
+        self.seen = list(jobs)
+        return [
+            B.JobResult(j.name, j.run_dir, self.states.get(j.name, B.JobState.DONE), 1, 3.0) for j in jobs
+        ]
+
+
+def test_run_grid_skips_complete_runs_and_reports_failures(table3, tmp_path):
+    specs = _fixture_runs(table3, tmp_path)
+    fake = _FakeLauncher({"table3/tiny/A1/seed0": B.JobState.FAILED})
+    out = io.StringIO()
+    assert gridrun.run_grid(specs, table3.path, [], fake, out, live=False) == 1
+    assert [j.name for j in fake.seen] == [s.name for s in specs[1:]]  # base is complete
+    text = out.getvalue()
+    assert "1 of 5 runs already complete" in text
+    assert any(
+        line.startswith("table3/tiny/base/seed0") and "skipped" in line and "ppl_dev=4.32" in line
+        for line in text.splitlines()
+    )
+    assert any(line.startswith("table3/tiny/A1/seed0") and "failed" in line for line in text.splitlines())
+    assert gridrun.run_grid(specs, table3.path, [], _FakeLauncher({}), io.StringIO(), live=False) == 0
+
+
+def _progress(jobs, states, running, speed=1.0):
+    return B.Progress(states, running, 0, 2, speed, {})
+
+
+def test_eta_uses_costs_slots_and_observed_speed(tmp_path):
+    jobs = {n: B.Job(n, [], tmp_path, cost=c) for n, c in [("a", 100), ("b", 50), ("c", 50), ("d", 10)]}
+    p = _progress(
+        jobs,
+        {"a": B.JobState.RUNNING, "b": B.JobState.RUNNING, "c": B.JobState.PENDING, "d": B.JobState.DONE},
+        {"a": 40.0, "b": 10.0},
+    )
+    assert gridrun.eta_seconds(jobs, p) == pytest.approx(75.0)  # (60 + 40 + 50) / 2 slots
+    p.speed = 2.0
+    assert gridrun.eta_seconds(jobs, p) == pytest.approx(175.0)  # (160 + 90 + 100) / 2
+
+
+def test_display_plain_and_live(tmp_path):
+    jobs = [B.Job(n, [], tmp_path, cost=10) for n in ("x", "y")]
+    out = io.StringIO()
+    display = gridrun.GridDisplay(jobs, out, live=False)
+    display.update(_progress(jobs, {"x": B.JobState.RUNNING, "y": B.JobState.PENDING}, {"x": 1.0}))
+    display.update(_progress(jobs, {"x": B.JobState.DONE, "y": B.JobState.RUNNING}, {"y": 1.0}))
+    assert out.getvalue().splitlines() == [
+        "[  0/2] running     x",
+        "[  1/2] done        x",
+        "[  1/2] running     y",
+    ]
+    from rich.console import Console
+
+    console = Console(record=True, width=150)
+    console.print(
+        display.render(_progress(jobs, {"x": B.JobState.DONE, "y": B.JobState.RUNNING}, {"y": 4.0}))
+    )
+    text = console.export_text()
+    assert "1 done" in text and "1 running" in text and "0 failed" in text and "ETA ~6s" in text
+    assert "running" in text and "y" in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real training (slow): two rows on 2 CPU slots; then SIGKILL of a real grid and resume
+
+MICRO = [
+    "train.max_steps=4",
+    "data.synthetic_pairs=300",
+    "data.synthetic_eval_pairs=20",
+    "model.num_layers=1",
+    "train.val_every_n_steps=2",
+    "train.checkpoint_every_n_steps=2",
+    "eval.max_sentences=20",
+    "train.wandb=false",
+]
+
+
+def _tlit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.cli", *args]
+
+
+@pytest.mark.slow
+def test_real_grid_of_two_rows_on_two_cpu_slots(tmp_path):
+    cmd = _tlit(
+        "grid",
+        "run",
+        "ablations/table3.yaml",
+        "--scale",
+        "tiny",
+        "--rows",
+        "C1,C4",
+        "--devices",
+        "cpu:2",
+        "--runs",
+        str(tmp_path),
+        *MICRO,
+    )
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for row in ("C1", "C4"):
+        run_dir = tmp_path / "table3" / "tiny" / row / "seed0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "complete" and summary["train_steps"] == 4 and summary["row"] == row
+        assert "cpu (1 threads)" in summary["device"]
+        assert not (run_dir / "run.lock").exists()
+        assert f"table3/tiny/{row}/seed0  done" in out.stdout
+    status = subprocess.run(
+        _tlit("grid", "status", "table3", "--scale", "tiny", "--rows", "C1,C4", "--runs", str(tmp_path)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "total 2: 2 done" in status.stdout
+
+
+@pytest.mark.slow
+def test_real_grid_killed_then_resumed(tmp_path):
+    """SIGKILL the grid while a run trains (after its first checkpoint), rerun: the finished run is kept,
+    the interrupted run resumes from its checkpoint, the final set of summaries is complete."""
+    micro = [o for o in MICRO if not o.startswith("train.max_steps")] + ["train.max_steps=60"]
+    cmd = _tlit(
+        "grid",
+        "run",
+        "table3",
+        "--scale",
+        "tiny",
+        "--rows",
+        "C1,C4",
+        "--devices",
+        "cpu:1",
+        "--runs",
+        str(tmp_path),
+        *micro,
+    )
+    specs = gridrun.specs_for(G.load_grid("table3"), "tiny", rows="C1,C4", overrides=micro, runs=tmp_path)
+    first, second = (s.run_dir for s in sorted(specs, key=lambda s: -B.estimate_seconds(s.config)))  # LPT
+    grid = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # one slot: kill once the first run is done and the second has a checkpoint but no summary yet
+    while not ((first / "summary.json").is_file() and (second / "checkpoints" / "last.ckpt").is_file()):
+        assert time.time() < deadline and grid.poll() is None, "grid ended or stalled before the kill"
+        time.sleep(0.1)
+    os.kill(grid.pid, signal.SIGKILL)
+    grid.wait()
+    first_summary = (first / "summary.json").read_text()
+    assert not (second / "summary.json").is_file(), "the second run finished before the kill"
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (first / "summary.json").read_text() == first_summary  # kept, not repeated
+    assert "1 of 2 runs already complete" in out.stdout
+    resumed = json.loads((second / "summary.json").read_text())
+    assert resumed["status"] == "complete" and resumed["train_steps"] == 60
+    log = (second / "train.log").read_text()
+    assert "attempt 1/2" in log and "resuming" in log
+    assert not (second / "run.lock").exists() and not (first / "run.lock").exists()

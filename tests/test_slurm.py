@@ -1,0 +1,147 @@
+"""The SLURM launcher without SLURM: the sbatch text against recorded files, and the job array end to end
+through submitit's ``local`` executor (fake jobs), including a timeout that requeues and resumes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("submitit")
+
+from experiments.launchers import base as B  # noqa: E402
+from experiments.launchers import slurm as S  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "sbatch"
+REFRESH = "TLIT_REFRESH_GOLDEN"
+CASES = {
+    "table3_paper_2gpus": dict(
+        opts=S.SlurmOptions(
+            folder=Path("/shared/tlit/results/slurm/table3/paper"),
+            partition="gpu",
+            time_min=720,
+            mem_gb=64,
+            extra={"account": "nlp", "constraint": "h100"},
+        ),
+        slots=2,
+        name="tlit-table3-paper",
+        tasks=20,
+    ),
+    "table3_small_defaults": dict(
+        opts=S.SlurmOptions(folder=Path("/shared/tlit/results/slurm/table3/small")),
+        slots=1,
+        name="tlit-table3-small",
+        tasks=7,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sbatch_script_matches_the_recorded_file(case):
+    c = CASES[case]
+    text = S.sbatch_script(c["opts"], c["slots"], c["name"], c["tasks"], python="python")
+    path = GOLDEN / f"{case}.sh"
+    if os.environ.get(REFRESH):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), (
+        f"{path} missing; create it on purpose with: {REFRESH}=1 pytest tests/test_slurm.py"
+    )
+    assert text == path.read_text(), (
+        f"the sbatch script differs from {path}. If the change is intended (a new option, a submitit "
+        f"upgrade), review the diff and refresh it on purpose with: {REFRESH}=1 pytest tests/test_slurm.py"
+    )
+
+
+def test_sbatch_asks_for_what_a_run_needs():
+    c = CASES["table3_paper_2gpus"]
+    text = S.sbatch_script(c["opts"], c["slots"], c["name"], c["tasks"], python="python")
+    for line in (
+        "#SBATCH --array=0-19%20",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=nlp",
+    ):
+        assert line in text.splitlines(), line
+
+
+def test_cluster_is_explicit():
+    with pytest.raises(ValueError, match="cluster must be one of slurm, local, debug"):
+        S.SlurmLauncher(S.SlurmOptions(), cluster="auto")
+
+
+def test_train_task_pickles_without_its_process_and_lock(tmp_path):
+    task = S.TrainTask(retries=2)
+    task._proc, task._lock = object(), object()
+    clone = pickle.loads(pickle.dumps(task))
+    assert clone.retries == 2 and clone._proc is None and clone._lock is None
+
+
+def test_train_task_hides_the_slurm_world_from_lightning(tmp_path, monkeypatch):
+    """In a SLURM task the child must not see SLURM_NTASKS (Lightning would wait for srun ranks)."""
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    code = (
+        "import os, sys, json; print('NTASKS=' + os.environ.get('SLURM_NTASKS', 'unset')); "
+        "json.dump({'status': 'complete'}, open(sys.argv[1] + '/summary.json', 'w'))"
+    )
+    job = B.Job("j", [sys.executable, "-c", code, str(tmp_path)], tmp_path)
+    out = S.TrainTask(poll=0.05)(job)
+    assert out["state"] == "done"
+    log = job.log_path.read_text()
+    assert "NTASKS=unset" in log and "slurm job 42" in log
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_array_runs_end_to_end_on_the_local_executor(tmp_path):
+    ledger = tmp_path / "ledger"
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    (runs / "old" / "summary.json").write_text('{"status": "complete"}')
+    jobs = [
+        B.fake_job("a", runs / "a", 0.3, ledger=ledger),
+        B.fake_job("flaky", runs / "flaky", 0.2, fail_times=1, ledger=ledger),
+        B.fake_job("broken", runs / "broken", 0.1, fail_times=9, ledger=ledger),
+        B.fake_job("old", runs / "old", 5, ledger=ledger),
+    ]
+    launcher = S.SlurmLauncher(
+        S.SlurmOptions(folder=tmp_path / "slurm", gpus=False), cluster="local", poll=0.2
+    )
+    seen: list[B.Progress] = []
+    results = {r.name: r for r in launcher.run(jobs, on_update=seen.append)}
+    assert len(launcher.job_ids) == 4
+    assert results["a"].state == B.JobState.DONE
+    assert results["flaky"].state == B.JobState.DONE and results["flaky"].attempts == 2
+    assert results["broken"].state == B.JobState.FAILED and "status 3" in results["broken"].message
+    assert (runs / "broken" / "failed.json").is_file()
+    assert results["old"].state == B.JobState.SKIPPED
+    assert seen and set(seen[-1].states) == {"a", "flaky", "broken", "old"}
+    lines = ledger.read_text().splitlines()
+    assert sum(line.startswith("done") for line in lines) == 2 and not any("/old " in line for line in lines)
+    assert not list(runs.glob("*/run.lock"))
+
+
+def test_timeout_requeues_the_task_and_the_run_resumes(tmp_path):
+    """submitit's local executor sends USR2 before its time limit: TrainTask.checkpoint stops the child,
+    frees the run and resubmits itself; the requeued task resumes the fake job where it was."""
+    import submitit
+
+    ledger = tmp_path / "ledger"
+    job = B.fake_job("long", tmp_path / "runs" / "long", 4.0, ledger=ledger)
+    executor = submitit.LocalExecutor(folder=tmp_path / "slurm", max_num_timeout=5)
+    executor.update_parameters(timeout_min=0.1, signal_delay_s=2)  # USR2 4 s after each start
+    handle = executor.submit(S.TrainTask(poll=0.1), job)
+    out = handle.result()
+    assert out["state"] == "done" and out["attempts"] == 1  # a requeue is not a failed attempt
+    starts = [line for line in ledger.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) >= 2  # interrupted at least once, then resumed
+    log = job.log_path.read_text()
+    assert "requeued, resumes from its last checkpoint" in log
+    assert not (job.run_dir / "run.lock").exists()

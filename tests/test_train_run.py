@@ -1,0 +1,190 @@
+"""`tlit train` end to end: the run folder, idempotence, resume after SIGKILL, NaN handling, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from experiments import run as R
+from experiments.cli import main as tlit
+from transformer_lit import config as C
+from transformer_lit.errors import NonFiniteLossError
+
+MICRO = [
+    "model.num_layers=1",
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.d_k=8",
+    "model.d_v=8",
+    "model.num_heads=4",
+    "data.synthetic_pairs=400",
+    "data.synthetic_eval_pairs=40",
+    "data.vocab_size=200",
+    "data.max_tokens=400",
+    "optim.warmup_steps=20",
+    "train.val_every_n_steps=40",
+    "train.checkpoint_every_n_steps=10",
+    "train.log_every_n_steps=5",
+    "train.wandb=false",
+    "train.progress_bar=false",
+    "train.num_threads=1",
+    "eval.beam_size=2",
+    "eval.max_sentences=10",
+]
+
+
+def micro_args(tmp_path: Path, steps: int = 40) -> list[str]:
+    return [*MICRO, f"train.max_steps={steps}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        **kw,
+    )
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    import pandas as pd
+
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return frame["val/loss"].dropna().tolist()
+
+
+def test_run_folder_contract_and_rerun_is_a_noop(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=20)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "grid",
+        "scale",
+        "row",
+        "seed",
+        "params",
+        "ppl_dev",
+        "bleu_dev",
+        "bleu_dev_tok",
+        "sacrebleu_signature",
+        "train_steps",
+        "train_tokens",
+        "wall_seconds",
+        "tokens_per_second",
+        "device",
+        "git_sha",
+        "versions",
+        "status",
+    ):
+        assert key in summary, key
+    assert summary["train_steps"] == 20 and summary["status"] == "complete" and summary["train_tokens"] > 0
+    assert summary["sacrebleu_signature"].startswith("nrefs:1|case:mixed")
+    assert C.load_yaml(out / "config.yaml").train.max_steps == 20
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (
+        out / "checkpoints" / "tokenizer.model"
+    ).is_file()
+    assert len((out / "hyps_dev.txt").read_text().splitlines()) == 40
+    assert "val/ppl" in (out / "metrics.csv").read_text().splitlines()[0]
+    # checkpoints load with weights_only=True
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 20
+    capsys.readouterr()
+    mtime = (out / "summary.json").stat().st_mtime
+    assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=20)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (out / "summary.json").stat().st_mtime == mtime
+
+
+def test_other_config_in_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    C.dump_yaml(C.base(), out / "config.yaml")
+    assert tlit(["train", "--out", str(out), *micro_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("model.d_k=0", "model.d_k must be a positive integer, got 0"),
+        ("model.dropout=-0.1", "model.dropout must be in [0, 1), got -0.1"),
+        ("model.positional=rotary", "model.positional must be one of sinusoidal, learned"),
+        ("optim.label_smoothing=1.5", "optim.label_smoothing must be in [0, 1), got 1.5"),
+        ("model.headz=3", "unknown config field model.headz"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, capsys, arg, message):
+    out = tmp_path / "run"
+    assert tlit(["train", "--out", str(out), arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+class _Poison(L.Callback):
+    """Turns the weights into NaN before optimizer step ``at`` so the loss becomes NaN there."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(module.model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=40))
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at step 15"):
+        R.train(cfg, out, callbacks=[_Poison(at=15)])
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step=*.ckpt"))
+    assert ckpts == ["step=0000010.ckpt"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 10
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_continues_to_the_same_result(tmp_path):
+    """On CPU with a fixed seed, a run killed after a checkpoint and resumed ends exactly where an
+    uninterrupted run ends (same dev loss)."""
+    args = micro_args(tmp_path, steps=40)
+    straight = tmp_path / "straight"
+    proc = cli(["--out", str(straight), *args])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    killed = tmp_path / "killed"
+    proc = cli(["--out", str(killed), *args])
+    target = killed / "checkpoints" / "step=0000020.ckpt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(0.3)  # let the checkpoint write finish... then kill mid-way to step 30
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    proc = cli(["--out", str(killed), *args])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert b["train_steps"] == a["train_steps"] == 40
+    assert b["ppl_dev"] == pytest.approx(a["ppl_dev"], rel=1e-9, abs=0)
+    assert val_losses(killed)[-1] == pytest.approx(val_losses(straight)[-1], rel=1e-9, abs=0)
