@@ -283,9 +283,16 @@ print(f"fake job {run_dir}: attempt {n + 1}, {seconds}s", flush=True)
 if n < fail_times:
     print("fake failure", flush=True)
     sys.exit(3)
+def started_ago():  # the interpreter's own start-up counts as part of the job, as it does for a real run
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return max(0.0, float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 progress = os.path.join(run_dir, "progress.txt")  # a "checkpoint": a killed job resumes where it was
 done = float(open(progress).read()) if os.path.exists(progress) else 0.0
-start = time.monotonic() - done
+start = time.monotonic() - done - started_ago()
+done = time.monotonic() - start
 while done < seconds:
     time.sleep(min(0.1, seconds - done))
     done = time.monotonic() - start
@@ -309,8 +316,9 @@ def fake_job(
     slots: int = 1,
     cost: float | None = None,
 ) -> Job:
-    """A job that sleeps ``seconds`` and writes a complete ``summary.json``; its first ``fail_times``
-    attempts exit 3 instead. Each start and finish is appended to ``ledger`` as ``start|done RUN_DIR PID
-    TIME``. Killed and restarted, it resumes from the time it had already slept (like a checkpointed run)."""
+    """A job that lasts ``seconds`` from its process start (interpreter start-up included, as in a real
+    run's cost) and then writes a complete ``summary.json``; its first ``fail_times`` attempts exit 3
+    instead. Each start and finish is appended to ``ledger`` as ``start|done RUN_DIR PID TIME``. Killed and
+    restarted, it resumes from the time it had already run (like a checkpointed run)."""
     argv = [sys.executable, "-c", _FAKE_JOB, str(run_dir), str(seconds), str(fail_times), str(ledger or "")]
     return Job(name, argv, Path(run_dir), slots=slots, cost=seconds if cost is None else cost)

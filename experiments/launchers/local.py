@@ -240,8 +240,12 @@ class LocalLauncher(B.Launcher):
     def _wait_for_exit(self) -> None:
         """Sleep until a child exits or ``poll`` seconds pass: select() on Linux pidfds makes the next job
         start the moment a slot frees (scheduler overhead ~ms), elsewhere a plain sleep."""
+        if not self._running:  # only jobs held by another grid are left, or nothing at all
+            if self._pending:
+                time.sleep(self.poll)
+            return
         fds = [r.pidfd for r in self._running.values() if r.pidfd is not None]
-        if not fds or any(r.pidfd is None for r in self._running.values()):
+        if len(fds) < len(self._running):
             time.sleep(self.poll)
             return
         with contextlib.suppress(OSError, ValueError):
