@@ -185,7 +185,9 @@ def random_batches(size: Size, count: int, device: torch.device, seed: int = 0) 
     return batches
 
 
-def make_step(model: nn.Module, precision: str, device: torch.device) -> Callable[[dict[str, Tensor]], Tensor]:
+def make_step(
+    model: nn.Module, precision: str, device: torch.device
+) -> Callable[[dict[str, Tensor]], Tensor]:
     fused = device.type in ("cpu", "cuda")
     optim = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused)
 
@@ -193,7 +195,10 @@ def make_step(model: nn.Module, precision: str, device: torch.device) -> Callabl
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(batch["src"], batch["tgt_in"])  # (b, t, V)
             loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), ignore_index=PAD, label_smoothing=0.1
+                logits.flatten(0, 1).float(),
+                batch["tgt_out"].flatten(),
+                ignore_index=PAD,
+                label_smoothing=0.1,
             )
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,13 +213,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Result:
+    """One model's timed steps: target tokens, wall seconds and process CPU seconds."""
+
+    steps: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall
+
+    @property
+    def tok_cpu_s(self) -> float:
+        return self.tokens / self.cpu
+
+    @property
+    def steps_s(self) -> float:
+        return self.steps / self.wall
+
+
 def measure(
-    size: Size, precision: str, names: list[str], *, warmup: int, rounds: int, steps_per_round: int, device
-) -> dict[str, float]:
-    """Target tokens/s of each model; the models take turns, steps_per_round steps at a time."""
+    size: Size,
+    precision: str,
+    names: list[str],
+    *,
+    warmup: int,
+    rounds: int,
+    steps_per_round: int,
+    device: torch.device,
+    budget_s: float | None = None,
+) -> dict[str, Result]:
+    """Time each model; after warm-up they take turns, ``steps_per_round`` steps at a time.
+
+    Taking turns spreads the load of other processes over all models. With ``budget_s``, no new round
+    starts once the timed steps have used that many seconds (at least one round runs).
+    """
     batches = random_batches(size, 4, device)
     tokens = [int(b["tgt_out"].ne(PAD).sum()) for b in batches]
-    steps, elapsed, done = {}, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    steps, results = {}, {name: Result() for name in names}
     for name in names:
         torch.manual_seed(0)
         model = BUILDERS[name](size).to(device).train()
@@ -222,15 +261,22 @@ def measure(
         for i in range(warmup):
             steps[name](batches[i % len(batches)])
         sync(device)
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for round_ in range(rounds):
+        if round_ and budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         for name in names:
-            start = time.perf_counter()
+            r = results[name]
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps_per_round):
-                steps[name](batches[done[name] % len(batches)])
-                done[name] += 1
+                i = r.steps % len(batches)
+                steps[name](batches[i])
+                r.steps += 1
+                r.tokens += tokens[i]
             sync(device)
-            elapsed[name] += time.perf_counter() - start
-    return {n: sum(tokens[i % len(tokens)] for i in range(done[n])) / elapsed[n] for n in names}
+            r.wall += time.perf_counter() - wall
+            r.cpu += time.process_time() - cpu
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,40 +302,47 @@ def gpu_peak(device: torch.device) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
-    header = ["size", "precision", "ours tok/s", "torch.nn tok/s", "HF Marian tok/s", "ours/torch.nn", "ours/Marian"]
-    lines = []
-    for size, precision, r in rows:
-        lines.append(
-            [
-                size,
-                precision,
-                f"{r['ours']:,.0f}",
-                f"{r['torch_nn']:,.0f}",
-                f"{r['hf_marian']:,.0f}",
-                f"{r['ours'] / r['torch_nn']:.2f}x",
-                f"{r['ours'] / r['hf_marian']:.2f}x",
-            ]
-        )
+def print_table(title: str, rows: list[tuple[str, str, dict[str, float]]]) -> None:
+    """rows: (size, precision, {model: tokens per second}); rich when installed, plain text otherwise."""
+    header = ["size", "precision", "ours", "torch.nn", "HF Marian", "ours/torch.nn", "ours/Marian"]
+    lines = [
+        [size, precision, *(f"{r[n]:,.0f}" for n in BUILDERS)]
+        + [f"{r['ours'] / r['torch_nn']:.2f}x", f"{r['ours'] / r['hf_marian']:.2f}x"]
+        for size, precision, r in rows
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
-
-        table = Table(title="Training throughput (target tokens/s, higher is better)")
-        for h in header:
-            table.add_column(h, justify="left" if h in ("size", "precision") else "right")
-        for line in lines:
-            table.add_row(*line)
-        Console(width=140).print(table)
     except ImportError:
+        print(title)
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         for line in [header, *lines]:
             print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h in ("size", "precision") else "right")
+    for line in lines:
+        table.add_row(*line)
+    Console(width=120).print(table)
+
+
+def schedule(size_name: str, *, quick: bool, on_cpu: bool) -> tuple[int, int, int, float | None]:
+    """(warm-up steps, rounds, steps per round, time budget of the timed steps in seconds) per model set.
+
+    A CPU base step costs about 2 s in fp32 on 2 idle cores (~370 GFLOP), so --quick caps the base timing
+    by a budget; tiny steps cost milliseconds.
+    """
+    if size_name == "tiny":
+        return (5, 4, 10, 8.0) if quick else (20, 6, 50, None)
+    if on_cpu:
+        return (1, 3, 1, 25.0) if quick else (2, 10, 3, None)
+    return (5, 3, 10, None) if quick else (20, 6, 50, None)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few steps: under 3 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="few steps: under 3 minutes on 2 idle CPU cores")
     parser.add_argument("--sizes", default="tiny,base", help="comma list of: tiny, base")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma list of: fp32, bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -301,61 +354,81 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    names = list(BUILDERS)
     on_cpu = device.type == "cpu"
-    rows, result = [], {}
+    names = list(BUILDERS)
+    load_before = os.getloadavg()[0]
+    start_all = time.perf_counter()
+    rows, cpu_rows, result = [], [], {}
     for size_name in args.sizes.split(","):
         size = SIZES[size_name]
+        if not on_cpu and size_name == "base":  # a GPU needs a paper-like batch (~16k tokens) to be busy
+            size = Size(**{**size.__dict__, "batch": 256, "src_len": 64, "tgt_len": 64})
         if args.batch:
             size = Size(**{**size.__dict__, "batch": args.batch})
-        if not on_cpu and size_name == "base" and not args.batch:
-            size = Size(**{**size.__dict__, "batch": 256, "src_len": 64, "tgt_len": 64})
-        # (steps per round, rounds): tiny steps cost milliseconds, CPU base steps about a second
-        if size_name == "tiny":
-            per_round, rounds, warmup = (10, 3, 5) if args.quick else (50, 6, 10)
-        elif on_cpu:
-            per_round, rounds, warmup = (2, 3, 2) if args.quick else (5, 8, 3)
-        else:
-            per_round, rounds, warmup = (10, 3, 5) if args.quick else (50, 6, 10)
+        warmup, rounds, per_round, budget = schedule(size_name, quick=args.quick, on_cpu=on_cpu)
         if args.steps:
-            per_round = max(1, args.steps // rounds)
+            per_round, budget = max(1, args.steps // rounds), None
         for precision in args.precisions.split(","):
             start = time.perf_counter()
-            r = measure(
-                size, precision, names, warmup=warmup, rounds=rounds, steps_per_round=per_round, device=device
+            res = measure(
+                size,
+                precision,
+                names,
+                warmup=warmup,
+                rounds=rounds,
+                steps_per_round=per_round,
+                device=device,
+                budget_s=budget,
             )
             print(
-                f"{size_name} {precision}: {per_round * rounds} timed steps per model, "
-                f"{time.perf_counter() - start:.0f} s",
+                f"{size_name} {precision}: {res['ours'].steps} timed steps per model, "
+                f"batch {size.batch}x{size.tgt_len}, {time.perf_counter() - start:.0f} s",
                 flush=True,
             )
-            rows.append((size_name, precision, r))
+            rows.append((size_name, precision, {n: res[n].tok_s for n in names}))
+            cpu_rows.append((size_name, precision, {n: res[n].tok_cpu_s for n in names}))
+            if size_name != "base":
+                continue
             suffix = "" if precision == "fp32" else f"_{precision}"
-            if size_name == "base":
-                for n in names:
-                    result[f"{n}_tok_s{suffix}"] = round(r[n], 1)
-                if not on_cpu and precision == "bf16":
-                    peak = gpu_peak(device)
-                    batch_tokens = size.batch * size.tgt_len
-                    flops = {n: r[n] / batch_tokens * train_flops_per_batch(size) for n in names}
-                    if peak:
-                        for n in names:
-                            result[f"{n}_mfu_bf16"] = round(flops[n] / peak, 4)
-                        print(
-                            "base bf16 model-FLOPs utilisation on "
-                            f"{torch.cuda.get_device_name(device)} (peak {peak / 1e12:.0f} TFLOP/s): "
-                            + ", ".join(f"{n} {flops[n] / peak:.1%}" for n in names)
-                        )
-    print_table(rows)
+            for n in names:
+                result[f"{n}_tok_s{suffix}"] = round(res[n].tok_s, 1)
+                if on_cpu:
+                    result[f"{n}_tok_cpu_s{suffix}"] = round(res[n].tok_cpu_s, 1)
+            if not on_cpu and precision == "bf16":
+                report_mfu(size, res, device, result)
+    print_table("Training throughput: target tokens per second (wall clock)", rows)
+    if on_cpu:
+        print_table("Target tokens per process-CPU-second (less sensitive to other processes)", cpu_rows)
     for size_name, precision, r in rows:
-        if precision == "bf16":
-            fp32 = next((x for s, p, x in rows if s == size_name and p == "fp32"), None)
-            if fp32:
-                print(f"{size_name}: ours bf16/fp32 = {r['ours'] / fp32['ours']:.2f}x")
-                if size_name == "base":
-                    result["ours_bf16_over_fp32"] = round(r["ours"] / fp32["ours"], 3)
-    result.update(device=str(device), threads=args.threads, quick=args.quick)
+        fp32 = next((x for s, p, x in rows if s == size_name and p == "fp32"), None)
+        if precision == "bf16" and fp32:
+            print(f"{size_name}: ours bf16/fp32 = {r['ours'] / fp32['ours']:.2f}x")
+            if size_name == "base":
+                result["ours_bf16_over_fp32"] = round(r["ours"] / fp32["ours"], 3)
+    load_after = os.getloadavg()[0]
+    print(
+        f"load average {load_before:.1f} before, {load_after:.1f} after; "
+        f"total {time.perf_counter() - start_all:.0f} s"
+    )
+    result.update(device=str(device), threads=args.threads, quick=args.quick, load_avg=round(load_after, 1))
     print(json.dumps(result))
+
+
+def report_mfu(size: Size, res: dict[str, Result], device: torch.device, result: dict) -> None:
+    """Model-FLOPs utilisation in bf16: matmul FLOPs of the padded batches per second over the GPU's peak."""
+    peak = gpu_peak(device)
+    name = torch.cuda.get_device_name(device)
+    if peak is None:
+        print(f"no bf16 peak known for {name}; MFU not reported")
+        return
+    flops = train_flops_per_batch(size)
+    mfu = {n: res[n].steps_s * flops / peak for n in res}
+    for n, value in mfu.items():
+        result[f"{n}_mfu_bf16"] = round(value, 4)
+    print(
+        f"base bf16 model-FLOPs utilisation on {name} (peak {peak / 1e12:.0f} TFLOP/s, "
+        f"{flops / 1e12:.2f} TFLOP per step): " + ", ".join(f"{n} {v:.1%}" for n, v in mfu.items())
+    )
 
 
 if __name__ == "__main__":

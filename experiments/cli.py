@@ -308,12 +308,95 @@ def cmd_grid_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from experiments.gridrun import IntermixedParser
+
+    p = sub.add_parser(
+        "sweep",
+        help="Optuna sweep over a search space (ablations/sweeps/*.yaml); each trial is a run folder",
+        epilog=_sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.__class__ = IntermixedParser  # overrides may follow options: FILE --trials 8 k=v
+    p.add_argument("file", help="sweep file or name (e.g. ablations/sweeps/heads_dk.yaml or heads_dk)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: the file's)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: 1, or 1 per slot)")
+    p.add_argument("--devices", default=None, help="the workers' slots: all, cpu:N, cuda:0,1 (as grid run)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="journal file, sqlite:///FILE or postgresql://USER@HOST/DB "
+        "(default: $TLIT_SWEEP_STORAGE, else results/sweeps/<study>/journal.log)",
+    )
+    p.add_argument("--study", default=None, help="study name (default: the file's)")
+    p.add_argument("--scale", default=None, help="scale: paper, small, tiny, ... (default: the file's)")
+    p.add_argument("--runs", default="results/runs", help="root of the run folders")
+    p.add_argument("--sweeps", default="results/sweeps", help="root of journals, reports and exported grids")
+    p.add_argument("--report", action="store_true", help="best trials, importances and plots; runs nothing")
+    p.add_argument("--export-best", action="store_true", help="best config as a grid file; runs nothing")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # started by --workers
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import os
+
+    from experiments import sweep as SW
+    from experiments import sweep_space as SP
+    from experiments import sweep_storage as SS
+
+    overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
+    spec = SP.load_sweep(
+        args.file,
+        scale=args.scale,
+        study=args.study,
+        trials=args.trials,
+        overrides=dict(C.parse_override(o) for o in overrides),
+    )
+    storage = args.storage or os.environ.get(SW.STORAGE_ENV)
+    if args.worker is not None:
+        url = storage or SS.default_storage(args.sweeps, spec.study)
+        SW.run_worker(spec, SS.parse_storage(url), runs_root=args.runs, worker=args.worker)
+        return 0
+    if args.report or args.export_best:
+        from experiments import sweep_report as RP
+
+        study = RP.load_study(spec, storage, args.sweeps)
+        if args.report:
+            report = RP.make_report(spec, study, args.sweeps)
+            print(report.markdown)
+            for path in report.files:
+                print(f"wrote {path}", file=sys.stderr)
+        if args.export_best:
+            path = RP.export_best(spec, study, args.sweeps)
+            print(f"wrote {path}; run it with: tlit grid run {path} --scale {spec.scale} --seeds 3")
+        return 0
+    workers = args.workers
+    if workers is None:
+        from experiments.launchers.local import parse_devices
+
+        workers = len(parse_devices(args.devices)) if args.devices else 1
+    return SW.run_sweep(
+        spec,
+        storage,
+        workers=workers,
+        devices=args.devices,
+        runs_root=args.runs,
+        sweeps_root=args.sweeps,
+        overrides=overrides,
+        out=sys.stdout,
+    )
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
     _add_data,
     _add_table,
     _add_grid,
+    _add_sweep,
 ]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -284,10 +283,13 @@ def final_lines(specs: Sequence[G.RunSpec], results: dict[str, B.JobResult]) -> 
     return lines
 
 
-def exit_code(results: Sequence[B.JobResult], stopped_by: int | None = None) -> int:
+def exit_code(results: Sequence[B.JobResult], stopped_by: int | None = None, detached: bool = False) -> int:
+    """0 when every run is complete (or, ``detached``, at least submitted), 1 if any failed, 128+signal
+    when interrupted."""
     if stopped_by is not None:
         return 128 + stopped_by
-    return 0 if all(r.state.ok for r in results) else 1
+    ok = (B.JobState.PENDING,) if detached else ()
+    return 0 if all(r.state.ok or r.state in ok for r in results) else 1
 
 
 def run_grid(
@@ -311,9 +313,14 @@ def run_grid(
     for line in final_lines(specs, results):
         print(line, file=out)
     stopped = getattr(launcher, "stopped_by", None)
-    if stopped is not None:
+    detached = not getattr(launcher, "wait", True)
+    if stopped is not None and launcher.kind == "slurm":
+        print("stopped waiting; the SLURM jobs keep running (tlit grid status follows them)", file=out)
+    elif stopped is not None:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=out)
-    return exit_code(list(results.values()), stopped)
+    elif detached and jobs:
+        print("submitted; follow them with: tlit grid status (same file, --scale and --runs)", file=out)
+    return exit_code(list(results.values()), stopped, detached)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,10 +407,12 @@ class GridDisplay:
         head = Table.grid(padding=(0, 1))
         head.add_row(
             ProgressBar(total=total, completed=finished + partial, width=30),
+            f"{100 * (finished + partial) / total:3.0f}%   elapsed {fmt_seconds(time.time() - self.t0)}   "
+            f"ETA ~{fmt_seconds(eta_seconds(self.jobs, p))}",
+        )
+        counts = (
             f"[green]{c['done']} done[/] · [cyan]{c['running']} running[/] · [red]{c['failed']} failed[/] · "
-            f"{c['pending']} pending   elapsed {fmt_seconds(time.time() - self.t0)}   "
-            f"ETA ~{fmt_seconds(eta_seconds(self.jobs, p))}   "
-            f"slots {p.slots_total - p.slots_free}/{p.slots_total}",
+            f"{c['pending']} pending · slots {p.slots_total - p.slots_free}/{p.slots_total} busy"
         )
         rows = Table.grid(padding=(0, 2))
         for name, el in sorted(p.running.items()):
@@ -415,8 +424,4 @@ class GridDisplay:
         failed = [n for n, s in p.states.items() if s == B.JobState.FAILED]
         for name in failed[-5:]:
             rows.add_row("  [red]failed[/]", name, p.results[name].message if name in p.results else "")
-        return Group(head, rows)
-
-
-def default_out() -> TextIO:
-    return sys.stdout
+        return Group(head, counts, rows)

@@ -164,6 +164,14 @@ def test_hypotheses_never_exceed_max_length(max_len_b: int) -> None:
             assert max(len(h.tokens) == lim for h, lim in zip(hyps, limits, strict=True))
 
 
+def test_beam_wider_than_the_vocabulary() -> None:
+    model = random_model(vocab=6)  # PAD UNK BOS EOS + 2 words: fewer than 2k candidates per beam
+    src = random_src(vocab=6, seed=8)
+    for cache in (True, False):
+        hyps = beam_search(model, src, beam_size=5, max_len_b=2, use_cache=cache)
+        assert all(set(h.tokens) <= {1, 4, 5} and h.score > float("-inf") for h in hyps)
+
+
 def test_learned_positions_cap_the_output_length() -> None:
     model = random_model(positional="learned", max_positions=12)
     src = random_src(seed=6)

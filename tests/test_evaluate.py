@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -63,19 +62,13 @@ def make_run(root: Path, *, periodic: int = 0, positional: str = "sinusoidal") -
 
 @pytest.fixture
 def fake_corpus(monkeypatch: pytest.MonkeyPatch):
-    """load_corpus(cfg.data) returns DEV as the dev split (whether or not corpora.py exists yet)."""
+    """load_corpus(cfg.data) returns DEV as the dev split and an empty test split."""
+    import transformer_lit.corpora as corpora
 
     def load_corpus(cfg: C.DataConfig):
         return types.SimpleNamespace(train=PAIRS, dev=DEV, test=[], name="fake")
 
-    try:
-        import transformer_lit.corpora as corpora
-
-        monkeypatch.setattr(corpora, "load_corpus", load_corpus)
-    except ImportError:
-        module = types.ModuleType("transformer_lit.corpora")
-        module.load_corpus = load_corpus  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "transformer_lit.corpora", module)
+    monkeypatch.setattr(corpora, "load_corpus", load_corpus)
 
 
 def test_not_a_run_folder_says_so_in_one_line(tmp_path: Path) -> None:
@@ -153,3 +146,40 @@ def test_average_run_and_eval_with_average(tmp_path: Path, fake_corpus: None) ->
     _, model, _ = load_run(run, checkpoint="step=0000100.ckpt")
     first = load_state_dict(run / "checkpoints" / "step=0000100.ckpt")
     assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
+
+
+MICRO = [
+    "model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.d_k=8", "model.d_v=8",
+    "model.num_heads=4", "data.synthetic_pairs=400", "data.synthetic_eval_pairs=40", "data.vocab_size=200",
+    "data.max_tokens=400", "optim.warmup_steps=20", "train.val_every_n_steps=40",
+    "train.checkpoint_every_n_steps=10", "train.wandb=false", "train.progress_bar=false",
+    "train.num_threads=1", "eval.beam_size=2", "train.max_steps=20",
+]  # fmt: skip
+
+
+def test_eval_on_a_run_folder_written_by_tlit_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from experiments.cli import main as tlit
+
+    out = tmp_path / "run"
+    assert tlit(["train", "--out", str(out), *MICRO, f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    trainer_hyps = (out / "hyps_dev.txt").read_text()
+    # the run's own decoding settings (beam 2 here): the same hypotheses, BLEU and PPL as training reported
+    result = eval_run(out, beam=2, alpha=0.6, max_len_b=50, device="cpu")
+    assert (out / "hyps_dev.txt").read_text() == trainer_hyps
+    assert result["bleu"] == pytest.approx(summary["bleu_dev"], abs=1e-6)
+    assert result["bleu_tok"] == pytest.approx(summary["bleu_dev_tok"], abs=1e-6)
+    assert result["sacrebleu_signature"] == summary["sacrebleu_signature"]
+    assert result["ppl"] == pytest.approx(summary["ppl_dev"], rel=1e-4)
+    # and the CLI with nothing but the folder: paper decoding (beam 4), its own files
+    capsys.readouterr()
+    assert tlit(["eval", str(out)]) == 0
+    assert "bleu" in capsys.readouterr().out
+    assert (out / "eval_dev_beam4.json").is_file()
+    assert tlit(["average", str(out), "--last", "2", "-o", str(tmp_path / "avg.pt")]) == 0
+    assert (tmp_path / "avg.pt").is_file()
+    assert tlit(["eval", str(tmp_path / "nothing")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"tlit eval: error: {tmp_path / 'nothing'} is not a run folder: no such directory"
+    )

@@ -306,6 +306,33 @@ def test_real_grid_of_two_rows_on_two_cpu_slots(tmp_path):
 
 
 @pytest.mark.slow
+def test_real_two_slot_job_runs_lightning_ddp_on_cpu(tmp_path):
+    """A run with train.devices=2 takes both CPU slots and trains as 2 DDP processes (gloo)."""
+    cmd = _tlit(
+        "grid",
+        "run",
+        "table3",
+        "--scale",
+        "tiny",
+        "--rows",
+        "C1",
+        "--devices",
+        "cpu:2",
+        "--runs",
+        str(tmp_path),
+        *MICRO,
+        "train.devices=2",
+    )
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = tmp_path / "table3" / "tiny" / "C1" / "seed0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["device"].endswith("x2")
+    log = (run_dir / "train.log").read_text()
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log
+
+
+@pytest.mark.slow
 def test_real_grid_killed_then_resumed(tmp_path):
     """SIGKILL the grid while a run trains (after its first checkpoint), rerun: the finished run is kept,
     the interrupted run resumes from its checkpoint, the final set of summaries is complete."""

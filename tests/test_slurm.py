@@ -72,6 +72,14 @@ def test_sbatch_asks_for_what_a_run_needs():
         assert line in text.splitlines(), line
 
 
+def test_parameters_are_ones_submitit_slurm_accepts():
+    from submitit.slurm import slurm as submitit_slurm
+
+    valid = set(submitit_slurm._get_default_parameters())
+    params = S.sbatch_parameters(CASES["table3_paper_2gpus"]["opts"], 2, "x")
+    assert set(params) <= valid, set(params) - valid
+
+
 def test_cluster_is_explicit():
     with pytest.raises(ValueError, match="cluster must be one of slurm, local, debug"):
         S.SlurmLauncher(S.SlurmOptions(), cluster="auto")
@@ -145,3 +153,58 @@ def test_timeout_requeues_the_task_and_the_run_resumes(tmp_path):
     log = job.log_path.read_text()
     assert "requeued, resumes from its last checkpoint" in log
     assert not (job.run_dir / "run.lock").exists()
+
+
+def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path, monkeypatch, capsys):
+    """The CLI path: options -> SlurmOptions, one job per unfinished run, --no-wait returns at once."""
+    from experiments import cli
+
+    submitted: dict = {}
+
+    class Handle:
+        def __init__(self, i: int):
+            self.job_id = f"77_{i}"
+
+    def fake_submit(self, jobs):
+        submitted.update(options=self.options, jobs=list(jobs), cluster=self.cluster, name=self.name)
+        return [Handle(i) for i in range(len(jobs))]
+
+    monkeypatch.setattr(S.SlurmLauncher, "submit", fake_submit)
+    done = tmp_path / "runs" / "table3" / "tiny" / "A1" / "seed0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text('{"status": "complete"}')
+    argv = [
+        "grid",
+        "run",
+        "table3",
+        "--scale",
+        "tiny",
+        "--rows",
+        "A",
+        "--launcher",
+        "slurm",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--partition",
+        "gpu",
+        "--time",
+        "90",
+        "--mem",
+        "32",
+        "--slurm-arg",
+        "account=nlp",
+        "--slurm-folder",
+        str(tmp_path / "slurm"),
+        "--no-wait",
+        "train.max_steps=10",
+    ]
+    assert cli.main(argv) == 0
+    opts = submitted["options"]
+    assert (opts.partition, opts.time_min, opts.mem_gb, opts.extra) == ("gpu", 90, 32.0, {"account": "nlp"})
+    assert opts.folder == tmp_path / "slurm" / "table3" / "tiny"
+    assert submitted["cluster"] == "slurm" and submitted["name"] == "tlit-table3-tiny"
+    assert [j.name for j in submitted["jobs"]] == [f"table3/tiny/A{i}/seed0" for i in (2, 3, 4)]
+    assert "train.max_steps=10" in submitted["jobs"][0].argv
+    out = capsys.readouterr().out
+    assert "submitted; follow them with: tlit grid status" in out
+    assert "table3/tiny/A2/seed0  pending" in out

@@ -247,36 +247,38 @@ def beam_search(
         raise ValueError(f"beam_size must be >= 1, got {beam_size!r}")
     batch, k, device = src.size(0), beam_size, src.device
     never = [model.pad_id, bos_id]
-    stepper = _start(model, src, use_cache)
-    stepper.reorder(
-        torch.arange(batch, device=device).repeat_interleave(k)
-    )  # rows b*k .. b*k+k-1: sentence b
+    stepper = _start(model, src, use_cache)  # one row per sentence for the first step, then k
     limits = max_lengths(model, src, max_len_b)  # (n,)
     bound_norm = length_penalty(limits.float() + 1.0, alpha)  # (n,) lp of the longest possible hypothesis
     longest, shortest = int(limits.max()), int(limits.min())
     alive = torch.arange(batch, device=device)  # (n,) original sentence of each live sentence
-    scores = torch.full((batch, k), float("-inf"), device=device)  # (n, k) log-probabilities of live beams
-    scores[:, 0] = 0.0  # one live beam at first, so that the k beams do not start as copies
-    tokens = torch.full((batch * k,), bos_id, dtype=torch.long, device=device)  # (n*k,)
-    history = torch.zeros(batch, k, longest + 1, dtype=torch.long, device=device)  # (n, k, T+1)
+    # Live beams: log-probabilities (n, r), histories (n, r, T+1) and the rows of the decoder batch (n*r),
+    # sentence-major. r = 1 for the first step (every beam would start from the same BOS), then k.
+    scores = torch.zeros(batch, 1, device=device)  # (n, r)
+    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)  # (n*r,)
+    history = torch.zeros(batch, 1, longest + 1, dtype=torch.long, device=device)  # (n, r, T+1)
     best_score = torch.full((batch,), float("-inf"), device=device)  # (B,) best finished, by original row
     best_logprob = torch.zeros(batch, device=device)  # (B,)
     best_tokens = torch.zeros(batch, longest + 1, dtype=torch.long, device=device)  # (B, T+1)
     best_len = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
     ranks = torch.arange(2 * k, device=device)  # (2k,)
     for t in range(longest + 1):
-        n = alive.numel()
-        logp = _next_logprobs(stepper, tokens, never)  # (n*k, V)
+        n, r = scores.shape
+        logp = _next_logprobs(stepper, tokens, never)  # (n*r, V)
         if t >= shortest:
-            logp = _force_eos(logp, limits.eq(t).repeat_interleave(k), eos_id)
-        # The best 2k of all k*V continuations are among the best 2k of each beam's V: rank per beam first,
-        # so no (n, k*V) sum is ever written.
+            logp = _force_eos(logp, limits.eq(t).repeat_interleave(r), eos_id)
+        # The best 2k of all r*V continuations are among the best 2k of each beam's V: rank per beam first,
+        # so no (n, r*V) sum is ever written.
         width = min(2 * k, logp.size(1))
-        row_lp, row_tok = logp.topk(width, dim=1)  # (n*k, w), (n*k, w)
-        cand = (scores.view(n * k, 1) + row_lp).view(n, k * width)  # (n, k*w)
-        top_lp, top_pos = cand.topk(min(2 * k, k * width), dim=1)  # (n, 2k) best first
+        row_lp, row_tok = logp.topk(width, dim=1)  # (n*r, w), (n*r, w)
+        cand = (scores.view(n * r, 1) + row_lp).view(n, r * width)  # (n, r*w)
+        top_lp, top_pos = cand.topk(min(2 * k, r * width), dim=1)  # (n, 2k) best first
         top_beam = top_pos // width  # (n, 2k)
-        top_tok = row_tok.view(n, k * width).gather(1, top_pos)  # (n, 2k)
+        top_tok = row_tok.view(n, r * width).gather(1, top_pos)  # (n, 2k)
+        if top_lp.size(1) < 2 * k:  # a vocabulary smaller than 2k: pad with impossible candidates
+            extra = (0, 2 * k - top_lp.size(1))
+            top_lp = F.pad(top_lp, extra, value=float("-inf"))
+            top_beam, top_tok = F.pad(top_beam, extra), F.pad(top_tok, extra, value=model.pad_id)
         is_eos = top_tok.eq(eos_id)  # (n, 2k)
 
         # EOS among the top k ranks: finished hypotheses of length t (+ EOS)
@@ -299,7 +301,7 @@ def beam_search(
         tokens = top_tok.gather(1, order)  # (n, k)
         history = history.gather(1, beam[:, :, None].expand(-1, -1, history.size(2)))  # (n, k, T+1)
         history[:, :, t] = tokens
-        rows_index = (torch.arange(n, device=device)[:, None] * k + beam).view(n * k)  # (n*k,)
+        rows_index = (torch.arange(n, device=device)[:, None] * r + beam).view(n * k)  # (n*k,) rows of n*r
 
         # exact early stop: no live beam can still beat the best finished hypothesis
         done = limits.eq(t)  # (n,)

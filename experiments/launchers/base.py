@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "train.log"
 TAIL_LINES = 20
+LOCK_HELD_ENV = "TLIT_RUN_LOCK_HELD"
+"""Set in every child: its launcher holds the run's lock (so ``tlit train`` need not take it itself)."""
 USER_ERROR_EXIT = 2
 """``tlit`` exits with 2 on a user error (bad config, conflicting run folder): retrying cannot help."""
 

@@ -198,7 +198,7 @@ class LocalLauncher(B.Launcher):
         return ["train.progress_bar=false"]
 
     def env_for(self, slot_ids: Sequence[str]) -> dict[str, str]:
-        env = {"PYTHONUNBUFFERED": "1"}
+        env = {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"}
         if self.slots.kind == "cpu":
             return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         threads = str(max(1, cpu_count() // len(self.slots)))
@@ -213,6 +213,8 @@ class LocalLauncher(B.Launcher):
             raise ValueError(
                 f"{j.name} needs {j.slots} slots (train.devices) but --devices gives {len(self.slots)}"
             )
+        if len({j.name for j in jobs}) != len(jobs):
+            raise ValueError("job names must be unique within one run of the launcher")
         self.stopped_by = None
         self._results: dict[str, B.JobResult] = {}
         self._pending = [_Waiting(j) for j in lpt_order(jobs)]
@@ -332,11 +334,13 @@ class LocalLauncher(B.Launcher):
         del self._free[: job.slots]
         attempts = self.retries + 1
         where = f"{locks.hostname()} {self.slots.kind}:{','.join(slot_ids)}"
-        fd = B.open_log(job, w.attempts, attempts, where)
+        fd = -1
         try:
+            fd = B.open_log(job, w.attempts, attempts, where)
             proc = B.spawn(job, self.env_for(slot_ids), fd)
         except OSError as err:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self._free.extend(slot_ids)
             lock.release()
             self._pending.remove(w)

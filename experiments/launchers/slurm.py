@@ -164,7 +164,9 @@ class TrainTask:
             where = f"{locks.hostname()} slurm job {os.environ.get('SLURM_JOB_ID', '?')}"
             fd = B.open_log(job, self.attempts, self.retries + 1, where)
             try:
-                self._proc = B.spawn(job, {"PYTHONUNBUFFERED": "1"}, fd, drop=HIDDEN_FROM_LIGHTNING)
+                self._proc = B.spawn(
+                    job, {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"}, fd, drop=HIDDEN_FROM_LIGHTNING
+                )
                 while self._proc.poll() is None:
                     assert self._lock is not None
                     self._lock.heartbeat()

@@ -1,0 +1,557 @@
+"""Optuna sweeps over the Table 3 knobs: each trial is a run folder, workers share one study.
+
+``tlit sweep FILE`` loads a sweep file (``sweep_space.py``), opens or creates its study (``sweep_storage.py``)
+and runs workers until the study holds ``trials`` finished (complete or pruned) trials:
+
+- a **trial** trains ``experiments.run.train`` into ``results/runs/<study>/<scale>/trial<NNNN>/seed<k>``
+  (the run-folder contract, ``grid`` = study name, W&B group ``<study>/<scale>``), reporting dev PPL at every
+  validation to the pruner. A pruned trial stops there and writes ``pruned.json`` (``summary.json`` keeps
+  meaning "complete"); a failed one writes ``failed.json``.
+- a **worker** loops: under the budget lock, fail stale trials (dead workers), count the trials and ask for
+  one if the study still needs one (or a retry waits); then train it with a heartbeat. No trial is lost
+  (a killed worker's trial is retried, resuming its run folder) or started beyond the budget.
+- ``--workers K`` starts K worker processes on this node's device slots, with the grid launcher's slot
+  parsing and environment (one thread per CPU worker, ``CUDA_VISIBLE_DEVICES`` per GPU worker).
+
+Test-only stand-in: with ``TLIT_SWEEP_STANDIN=SECONDS`` in the environment, a trial does not train; it
+sleeps SECONDS in four "validations", reports a deterministic function of its parameters, and writes a
+stand-in summary. The process-level tests use it where the point is storage and workers, not training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from experiments import run as R
+from experiments import sweep_storage as S
+from experiments.sweep_space import SweepError, SweepSpec, make_pruner, make_sampler
+from transformer_lit import config as C
+
+log = logging.getLogger(__name__)
+
+STANDIN_ENV = "TLIT_SWEEP_STANDIN"
+STORAGE_ENV = "TLIT_SWEEP_STORAGE"
+PRUNED = "pruned.json"
+FINGERPRINT_ATTR = "tlit_sweep"
+MAX_FAILURES = 3
+"""A worker gives up after this many trials in a row fail (a broken config would otherwise loop)."""
+
+Objective = Callable[[optuna.Trial], float | list[float]]
+
+
+@dataclass(frozen=True)
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+def counts(study: optuna.Study) -> Counts:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return Counts(
+        *(
+            states.count(s)
+            for s in (
+                TrialState.COMPLETE,
+                TrialState.PRUNED,
+                TrialState.FAIL,
+                TrialState.RUNNING,
+                TrialState.WAITING,
+            )
+        )
+    )
+
+
+def sweep_dir(sweeps_root: str | Path, spec: SweepSpec) -> Path:
+    return Path(sweeps_root) / spec.study
+
+
+def trial_dir(runs_root: str | Path, spec: SweepSpec, number: int, seed: int) -> Path:
+    return Path(runs_root) / spec.study / spec.scale / f"trial{number:04d}" / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study
+
+
+def open_study(spec: SweepSpec, storage: S.Storage, *, worker: int = 0) -> optuna.Study:
+    """Create the study or load it (re-running a command continues it); refuse one made from another file."""
+    backend = S.open_storage(
+        storage,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=spec.grace_period,
+        retries=spec.retries,
+    )
+    with S.budget_lock(storage, spec.study):
+        study = optuna.create_study(
+            storage=backend,
+            study_name=spec.study,
+            directions=spec.directions,
+            pruner=make_pruner(spec),
+            load_if_exists=True,
+        )
+        # The file's seed, offset per worker and by the trials already there: parallel workers and a rerun
+        # (whose fresh random generators would repeat the first run's draws) sample different points.
+        study.sampler = make_sampler(spec, seed=worker + 1009 * len(study.get_trials(deepcopy=False)))
+        mine = _plain(spec.fingerprint())
+        theirs = study.user_attrs.get(FINGERPRINT_ATTR)
+        if theirs is None:
+            study.set_user_attr(FINGERPRINT_ATTR, mine)
+        elif _plain(theirs) != mine:
+            what = _first_difference(theirs, mine)
+            raise SweepError(
+                f"study {spec.study!r} in {storage} was made with a different {what}; "
+                "use --study NAME for a new study"
+            )
+    return study
+
+
+def _plain(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    order = ["scale", "grid", "row", "objectives", "constraint", "params", "base"]
+    for key in order + sorted((set(old) | set(new)) - set(order)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                return f"{key} ({sub}: {a.get(sub)!r} there, {b.get(sub)!r} now)"
+            return f"{key} ({a!r} there, {b!r} now)"
+    return "file"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A worker
+
+
+def run_worker(
+    spec: SweepSpec,
+    storage: S.Storage,
+    *,
+    runs_root: str | Path = "results/runs",
+    worker: int = 0,
+    extra: Sequence[str] = (),
+    objective: Objective | None = None,
+) -> Counts:
+    """Run trials until the study has ``spec.budget`` finished ones; returns the study's counts at the end.
+
+    ``extra`` are overrides that say where this worker runs (threads, accelerator); not part of the study.
+    """
+    study = open_study(spec, storage, worker=worker)
+    objective = objective or make_objective(spec, runs_root, list(extra))
+    poll = max(0.5, min(5.0, spec.heartbeat_interval / 2))
+    failures = 0
+    with _sigterm_as_interrupt():
+        while True:
+            with S.budget_lock(storage, spec.study):
+                S.fail_stale_trials(study)
+                c = counts(study)
+                wanted = c.waiting > 0 or c.finished + c.running + c.waiting < spec.budget
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
+                    warnings.filterwarnings("ignore", message=".*Heartbeat.*")
+                    trial = study.ask() if wanted else None
+            if trial is None:
+                if c.running == 0:
+                    return c
+                time.sleep(poll)  # another worker's trial may die and come back as a retry
+                continue
+            state = run_trial(study, trial, objective)
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            if failures >= MAX_FAILURES:
+                raise RuntimeError(f"{failures} trials in a row failed in worker {worker}; see the log above")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (the supervisor stopping its workers) ends the trial like Ctrl-C: marked failed and queued."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> TrialState:
+    """Evaluate one asked trial with a heartbeat and tell the study; an interrupted trial is queued again."""
+    values: Any = None
+    with _heartbeat(study, trial):
+        try:
+            values = objective(trial)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned as err:
+            log.info("trial %d pruned: %s", trial.number, err)
+            state = TrialState.PRUNED
+        except (KeyboardInterrupt, SystemExit):
+            _tell(study, trial, TrialState.FAIL)
+            _requeue(study, trial)
+            raise
+        except Exception:
+            log.exception("trial %d failed", trial.number)
+            state = TrialState.FAIL
+    return _tell(study, trial, state, values)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: Any = None) -> TrialState:
+    try:
+        complete = state == TrialState.COMPLETE
+        frozen = study.tell(trial, values) if complete else study.tell(trial, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was finished by another worker (heartbeat lost?)", trial.number)
+        return study._storage.get_trial(trial._trial_id).state
+    if frozen.state == TrialState.COMPLETE:
+        shown = ", ".join(
+            f"{n}={v:.4g}" for n, v in zip(_objective_names(study), frozen.values, strict=False)
+        )
+        log.info("trial %d complete: %s", trial.number, shown)
+    return frozen.state
+
+
+def _objective_names(study: optuna.Study) -> list[str]:
+    fp = study.user_attrs.get(FINGERPRINT_ATTR) or {}
+    return list(fp.get("objectives") or ["value"])
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Queue an interrupted trial again with its parameters (its run folder resumes from its checkpoint)."""
+    callback = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    if callback is not None:
+        with contextlib.suppress(Exception):
+            callback(study, study._storage.get_trial(trial._trial_id))
+
+
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    storage = study._storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                storage.record_heartbeat(trial._trial_id)
+            except Exception as err:  # the trial was failed by another worker, or the database went away
+                log.warning("heartbeat of trial %d stopped: %s", trial.number, err)
+                return
+            stop.wait(interval)
+
+    storage.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trials
+
+
+def make_objective(spec: SweepSpec, runs_root: str | Path, extra: list[str]) -> Objective:
+    seconds = os.environ.get(STANDIN_ENV)
+    if seconds:
+        return lambda trial: standin_objective(spec, trial, runs_root, extra, float(seconds))
+    return lambda trial: train_objective(spec, trial, runs_root, extra)
+
+
+def prepare_trial(
+    spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str]
+) -> tuple[C.RunConfig, Path]:
+    """The trial's config and run folder; a retry of a killed trial resumes the original's folder."""
+    values = spec.trial_values(trial, extra)
+    cfg = spec.config(values, extra)
+    run_dir = trial_dir(runs_root, spec, trial.number, cfg.train.seed)
+    origin = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    if origin is not None:
+        old = trial_dir(runs_root, spec, int(origin), cfg.train.seed)
+        with contextlib.suppress(OSError, ValueError):
+            if C.flat_dict(C.load_yaml(old / R.CONFIG)) == C.flat_dict(cfg):
+                run_dir = old
+    trial.set_user_attr("run_dir", str(run_dir))
+    return cfg, run_dir
+
+
+def train_objective(spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str]) -> Any:
+    """Train the trial's config into its run folder with the pruning callback; return its objective(s)."""
+    from experiments.sweep_pruning import StepPruningCallback, close_wandb  # Lightning only for real trials
+
+    cfg, run_dir = prepare_trial(spec, trial, runs_root, extra)
+    info = R.RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)
+    pruning = StepPruningCallback(trial, spec.monitor) if spec.pruner != "none" else None
+    try:
+        summary = R.train(cfg, run_dir, info, callbacks=[pruning] if pruning else [])
+    except optuna.TrialPruned:
+        assert pruning is not None
+        write_pruned(run_dir, spec, trial, pruning.pruned_at, cfg.train.max_steps, pruning.reported)
+        close_wandb("pruned")
+        raise
+    except BaseException as err:
+        close_wandb("failed")
+        if isinstance(err, Exception):
+            R.mark_failed(run_dir, f"{type(err).__name__}: {err}")
+        raise
+    return objective_values(spec, trial, summary)
+
+
+def objective_values(spec: SweepSpec, trial: optuna.Trial, summary: dict[str, Any]) -> float | list[float]:
+    if not summary or summary.get("status") != "complete":
+        raise RuntimeError(f"trial {trial.number} ended without a complete summary")
+    for key in ("ppl_dev", "bleu_dev", "train_steps"):
+        if key in summary:
+            trial.set_user_attr(key, summary[key])
+    values = [float(summary[o]) for o in spec.objectives]
+    return values[0] if len(values) == 1 else values
+
+
+def write_pruned(
+    run_dir: Path, spec: SweepSpec, trial: optuna.Trial, step: int | None, max_steps: int, reported: dict
+) -> None:
+    """``pruned.json``: the run folder's record of a trial stopped by the pruner (not complete for tables)."""
+    R.write_json_atomic(
+        run_dir / PRUNED,
+        {
+            "status": "pruned",
+            "study": spec.study,
+            "trial": trial.number,
+            "train_steps": step,
+            "max_steps": max_steps,
+            "monitor": spec.monitor,
+            "intermediate_values": {str(k): v for k, v in reported.items()},
+            "time": time.time(),
+        },
+    )
+    trial.set_user_attr("train_steps", step)
+
+
+def standin_objective(
+    spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str], seconds: float
+) -> Any:
+    """Test-only trial (``TLIT_SWEEP_STANDIN``): no training, same folders, reports and pruning."""
+    cfg, run_dir = prepare_trial(spec, trial, runs_root, extra)
+    R.check_or_write_config(run_dir, cfg)
+    with (run_dir / "standin.log").open("a") as f:  # one line per attempt: tests look for duplicates
+        f.write(f"{trial.number} {os.getpid()} {time.time():.3f}\n")
+    score = standin_score(spec, trial.params)
+    reported: dict[int, float] = {}
+    for i in range(1, 5):
+        time.sleep(seconds / 4)
+        step = max(i, cfg.train.max_steps * i // 4)
+        ppl = score * (1 + 1 / i)
+        value = ppl if spec.monitor == "val/ppl" else 100 / ppl
+        if spec.pruner == "none":  # as a training trial: no pruning callback, no reports
+            continue
+        reported[step] = value
+        trial.report(value, step)
+        if i < 4 and trial.should_prune():
+            write_pruned(run_dir, spec, trial, step, cfg.train.max_steps, reported)
+            raise optuna.TrialPruned(f"pruned at step {step}")
+    summary = {
+        "grid": spec.study,
+        "scale": spec.scale,
+        "row": run_dir.parent.name,
+        "seed": cfg.train.seed,
+        "ppl_dev": score,
+        "bleu_dev": 100 / score,
+        "train_steps": cfg.train.max_steps,
+        "status": "complete",
+        "stand_in": True,
+    }
+    R.write_json_atomic(run_dir / R.SUMMARY, summary)
+    return objective_values(spec, trial, summary)
+
+
+def standin_score(spec: SweepSpec, params: dict[str, Any]) -> float:
+    """A smooth, deterministic PPL-like score with its best inside the space (for tests and benchmarks)."""
+    total = 0.0
+    for name, p in spec.params.items():
+        v = params[name]
+        if p.kind == "categorical":
+            x = p.choices.index(v) / max(1, len(p.choices) - 1)
+        elif p.high == p.low:
+            x = 0.0
+        elif p.log:
+            x = (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low))
+        else:
+            x = (v - p.low) / (p.high - p.low)
+        total += (x - 0.3) ** 2
+    return 5.0 + 20.0 * total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several workers on this node
+
+
+def worker_argv(spec: SweepSpec, index: int, runs_root: str | Path, overrides: Sequence[str]) -> list[str]:
+    """A worker's command; the storage URL travels in the environment (``TLIT_SWEEP_STORAGE``), not argv."""
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "sweep",
+        str(spec.path),
+        "--worker",
+        str(index),
+        "--study",
+        spec.study,
+        "--scale",
+        spec.scale,
+        "--trials",
+        str(spec.trials),
+        "--runs",
+        str(runs_root),
+        *overrides,
+    ]
+
+
+def launch_workers(
+    spec: SweepSpec,
+    storage: S.Storage,
+    study: optuna.Study,
+    *,
+    workers: int,
+    devices: str,
+    runs_root: str | Path,
+    sweeps_root: str | Path,
+    overrides: Sequence[str] = (),
+    out: TextIO | None = None,
+    every: float = 30.0,
+) -> list[int]:
+    """Start ``workers`` worker processes on the slots of ``devices`` and wait for them; returns their exit
+    codes. Ctrl-C or SIGTERM stops them (their trials are queued again for the next run)."""
+    from experiments.launchers import base as B
+    from experiments.launchers.local import LocalLauncher, parse_devices
+
+    slots = parse_devices(devices)
+    if workers > len(slots):
+        raise SweepError(
+            f"--workers {workers} needs {workers} device slots; --devices {devices} gives {len(slots)}"
+        )
+    launcher = LocalLauncher(slots=slots)
+    logs = sweep_dir(sweeps_root, spec) / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        argv = worker_argv(spec, i, runs_root, [*overrides, *launcher.device_overrides()])
+        job = B.Job(name=f"{spec.study}/worker{i}", argv=argv, run_dir=logs)
+        fd = os.open(logs / f"worker{i}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(
+            fd, f"\n=== tlit sweep {spec.study}: worker {i} on {slots.kind}:{slots.ids[i]} ===\n".encode()
+        )
+        try:
+            env = {**launcher.env_for(slots.ids[i : i + 1]), STORAGE_ENV: storage_text(storage)}
+            procs.append(B.spawn(job, env, fd))
+        finally:
+            os.close(fd)
+    if out is not None:
+        print(f"{spec.study}: {workers} workers on {slots}, logs in {logs}", file=out, flush=True)
+    with _sigterm_as_interrupt():
+        try:
+            last = time.monotonic()
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.5)
+                if out is not None and time.monotonic() - last >= every:
+                    last = time.monotonic()
+                    print(progress_line(spec, study), file=out, flush=True)
+        except KeyboardInterrupt:
+            B.terminate(procs, grace=15.0)
+            raise
+    return [p.returncode for p in procs]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    storage_url: str | None,
+    *,
+    workers: int = 1,
+    devices: str | None = None,
+    runs_root: str | Path = "results/runs",
+    sweeps_root: str | Path = "results/sweeps",
+    overrides: Sequence[str] = (),
+    out: TextIO | None = None,
+) -> int:
+    """``tlit sweep FILE``: check the storage, create or continue the study, run its workers (in this process
+    when one worker and no ``devices``), and return 0 once the study has its trials."""
+    storage = S.parse_storage(storage_url or S.default_storage(sweeps_root, spec.study))
+    S.check_storage(storage)
+    study = open_study(spec, storage)
+    if out is not None:
+        print(f"{progress_line(spec, study)}; storage {storage}", file=out, flush=True)
+    codes = [0]
+    if workers == 1 and devices is None:
+        run_worker(spec, storage, runs_root=runs_root)
+    else:
+        if workers < 1:
+            raise SweepError(f"--workers must be a positive integer, got {workers}")
+        codes = launch_workers(
+            spec,
+            storage,
+            study,
+            workers=workers,
+            devices=devices or "all",
+            runs_root=runs_root,
+            sweeps_root=sweeps_root,
+            overrides=overrides,
+            out=out,
+        )
+    if out is not None:
+        print(progress_line(spec, study), file=out, flush=True)
+        failed = [i for i, rc in enumerate(codes) if rc != 0]
+        if failed:
+            logs = sweep_dir(sweeps_root, spec) / "workers"
+            print(
+                f"workers {failed} exited with {[codes[i] for i in failed]}; see {logs}", file=out, flush=True
+            )
+    return 0 if counts(study).finished >= spec.budget and not any(codes) else 1
+
+
+def storage_text(storage: S.Storage) -> str:
+    return str(storage.path) if storage.kind == "journal" else storage.url
+
+
+def progress_line(spec: SweepSpec, study: optuna.Study) -> str:
+    c = counts(study)
+    line = (
+        f"{spec.study}/{spec.scale}: {c.finished}/{spec.budget} finished ({c.complete} complete, "
+        f"{c.pruned} pruned), {c.running} running, {c.failed} failed"
+    )
+    with contextlib.suppress(ValueError, RuntimeError):
+        if len(spec.objectives) == 1:
+            best = study.best_trial
+            line += f"; best {spec.objectives[0]} {best.value:.4g} (trial {best.number})"
+    return line
