@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,18 +63,27 @@ def write_sweep(folder: Path, name: str, trials: int, steps: int, pruner: str, c
     return path
 
 
-def run_sweep(folder: Path, path: Path, workers: int) -> float:
+def run_sweep(folder: Path, path: Path, workers: int) -> tuple[float, float]:
+    """Run ``tlit sweep`` on ``workers`` CPU slots; returns (wall seconds, CPU seconds of its processes)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TLIT_SWEEP_STANDIN", None)
     argv = [sys.executable, "-m", "experiments.cli", "sweep", str(path), "--workers", str(workers)]
     argv += ["--devices", f"cpu:{workers}"]
+    cpu0 = _children_cpu()
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    cpu = _children_cpu() - cpu0
     if done.returncode != 0:
         sys.exit(f"{path.stem} failed:\n{done.stdout}\n{done.stderr}")
-    print(f"  {path.stem}: {workers} worker(s), {seconds:.1f} s; {done.stdout.strip().splitlines()[-1]}")
-    return seconds
+    last = done.stdout.strip().splitlines()[-1]
+    print(f"  {path.stem}: {workers} worker(s), {seconds:.1f} s wall, {cpu:.1f} s CPU; {last}")
+    return seconds, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants: workers included
+    return usage.ru_utime + usage.ru_stime
 
 
 def total_steps(folder: Path, study: str) -> tuple[int, int, int]:
@@ -107,9 +117,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cache = folder / "cache"
     before = load()
-    print(
-        f"cores: {os.cpu_count()}, load average before: {before:.2f} ({Path('/proc/loadavg').read_text().strip()})"
-    )
+    loadavg = Path("/proc/loadavg").read_text().strip()
+    print(f"cores: {os.cpu_count()}, load average before: {before:.2f} ({loadavg})")
     result: dict[str, float | int] = {"cores": os.cpu_count() or 0, "load_before": round(before, 2)}
 
     # warm the tokenizer cache so that neither timed sweep pays for it
@@ -117,11 +126,17 @@ def main() -> None:
 
     if not args.skip_scaling:
         print(f"scaling: {args.trials} trials x {args.steps} steps, no pruning")
-        one = run_sweep(folder, write_sweep(folder, "scale1", args.trials, args.steps, "none", cache), 1)
-        two = run_sweep(folder, write_sweep(folder, "scale2", args.trials, args.steps, "none", cache), 2)
+        one, cpu1 = run_sweep(
+            folder, write_sweep(folder, "scale1", args.trials, args.steps, "none", cache), 1
+        )
+        two, cpu2 = run_sweep(
+            folder, write_sweep(folder, "scale2", args.trials, args.steps, "none", cache), 2
+        )
         speedup = one / two
         print(f"  speedup with 2 workers: {speedup:.2f}x ({one:.1f} s -> {two:.1f} s; ideal 2.00x)")
+        print(f"  cores used on average: {cpu1 / one:.2f} with 1 worker, {cpu2 / two:.2f} with 2 (of 2)")
         result |= {"trials": args.trials, "time_1_worker_s": round(one, 1), "time_2_workers_s": round(two, 1)}
+        result |= {"cpu_1_worker_s": round(cpu1, 1), "cpu_2_workers_s": round(cpu2, 1)}
         result["speedup"] = round(speedup, 3)
 
     print(f"pruning: {args.pruning_trials} trials x {args.steps} steps, 2 workers, median pruner vs none")

@@ -90,6 +90,14 @@ class TorchNNModel(nn.Module):
             batch_first=True,
             norm_first=False,
         )
+        # The paper (and ours) has dropout only on sub-layer outputs and embedding sums; nn.Transformer's
+        # `dropout` also drops attention weights and the FFN's inner activations. Switch those two off so
+        # that the peer does the same work as ours (less work for the peer, never more).
+        for layer in [*self.transformer.encoder.layers, *self.transformer.decoder.layers]:
+            layer.dropout.p = 0.0  # inside the FFN: linear2(dropout(relu(linear1(x))))
+            for attn in (getattr(layer, "self_attn", None), getattr(layer, "multihead_attn", None)):
+                if attn is not None:
+                    attn.dropout = 0.0
 
     def _embed(self, tokens: Tensor) -> Tensor:
         return self.dropout(self.embed(tokens) * self.scale + self.pe[: tokens.size(1)])  # (b, n, d_model)

@@ -8,17 +8,20 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from experiments.locks import LockBusy
 from transformer_lit import config as C
 from transformer_lit.errors import NonFiniteLossError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLossError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLossError, LockBusy)
 
 
 def _sections_help() -> str:
@@ -59,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if existing is not None and existing.get("status") == "complete":
         print(f"{run_dir} is already complete (summary.json present); nothing to do")
         return 0
-    summary = R.train(cfg, run_dir, R.RunInfo(grid=grid.name, scale=args.scale, row=args.row))
+    with _run_lock(run_dir):
+        summary = R.train(cfg, run_dir, R.RunInfo(grid=grid.name, scale=args.scale, row=args.row))
     if summary:
         print(
             f"{run_dir}: ppl_dev={summary['ppl_dev']:.3f} bleu_dev={summary['bleu_dev']:.2f} "
@@ -67,6 +71,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"params={summary['params']:,} wall={summary['wall_seconds']:.0f}s"
         )
     return 0
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Hold the run folder's lock unless a launcher already holds it for us (or we are a DDP child rank)."""
+    from experiments.launchers.base import LOCK_HELD_ENV
+    from experiments.locks import RunLock
+
+    if os.environ.get(LOCK_HELD_ENV) or int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        yield
+        return
+    with RunLock(run_dir):
+        os.environ[LOCK_HELD_ENV] = "1"  # inherited by Lightning's DDP child processes
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

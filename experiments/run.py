@@ -32,6 +32,18 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 FAILED = "failed.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Where and how a run executes, not what it computes: a run may resume with other values of these.
+RUNTIME_FIELDS = frozenset(
+    {
+        "train.accelerator",
+        "train.num_threads",
+        "train.progress_bar",
+        "train.wandb",
+        "train.wandb_project",
+        "data.num_workers",
+        "data.cache_dir",
+    }
+)
 
 
 class RunFolderConflict(ValueError):
@@ -69,19 +81,21 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def check_or_write_config(run_dir: Path, cfg: C.RunConfig) -> None:
-    """First run: write config.yaml. Later runs: it must be the same config, or the folder is refused."""
+    """First run: write config.yaml. Later runs: it must be the same config (up to RUNTIME_FIELDS, which are
+    updated), or the folder is refused."""
     path = run_dir / CONFIG
     if path.is_file():
         old = C.flat_dict(C.load_yaml(path))
         new = C.flat_dict(cfg)
-        diff = [k for k in new if old.get(k) != new[k]]
+        diff = [k for k in new if old.get(k) != new[k] and k not in RUNTIME_FIELDS]
         if diff:
             k = diff[0]
             raise RunFolderConflict(
                 f"{run_dir} holds a run with a different config ({k}: {old.get(k)!r} there, {new[k]!r} now); "
                 "use another --out or delete that folder"
             )
-        return
+        if old == new:
+            return
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, path)
 

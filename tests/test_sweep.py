@@ -392,3 +392,23 @@ def test_report_and_export_of_a_two_objective_study(tmp_path: Path, monkeypatch,
     assert {"report.md", "pareto.png", "pareto.html", "history.png"} <= files
     grid = G.load_grid(tmp_path / "results/sweeps/micro/best.yaml")
     assert set(grid.rows) == {"base", "best"} and "model.dropout" in grid.row("best").cells
+
+
+def test_a_pruned_trial_closes_its_wandb_run_so_the_next_trial_gets_its_own(monkeypatch):
+    """Lightning leaves the W&B run of an interrupted fit open, and the next trial's WandbLogger would reuse
+    it; ``close_wandb`` finishes it with the trial's status."""
+    from types import SimpleNamespace
+
+    from experiments.sweep_pruning import close_wandb
+
+    finished = []
+    fake = SimpleNamespace(
+        run=SimpleNamespace(summary={}), finish=lambda exit_code: finished.append(exit_code)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = fake.run
+    close_wandb("pruned")
+    assert run.summary == {"status": "pruned"} and finished == [0]
+    fake.run = None
+    close_wandb("failed")  # no open run: nothing to do
+    assert finished == [0]

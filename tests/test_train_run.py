@@ -188,3 +188,32 @@ def test_sigkill_and_rerun_continues_to_the_same_result(tmp_path):
     assert b["train_steps"] == a["train_steps"] == 40
     assert b["ppl_dev"] == pytest.approx(a["ppl_dev"], rel=1e-9, abs=0)
     assert val_losses(killed)[-1] == pytest.approx(val_losses(straight)[-1], rel=1e-9, abs=0)
+
+
+def test_runtime_fields_may_change_on_resume(tmp_path):
+    out = tmp_path / "run"
+    cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=3))
+    R.check_or_write_config(out, cfg)
+    moved = C.apply_overrides(cfg, {"train.num_threads": 2, "train.progress_bar": True, "train.accelerator": "cpu"})
+    R.check_or_write_config(out, moved)  # where/how it runs may change...
+    assert C.load_yaml(out / "config.yaml").train.num_threads == 2
+    with pytest.raises(R.RunFolderConflict, match=r"model.d_k: 8 there, 4 now"):
+        R.check_or_write_config(out, C.apply_overrides(cfg, {"model.d_k": 4}))  # ...what it computes may not
+
+
+def test_a_locked_run_is_not_trained_twice(tmp_path, capsys, monkeypatch):
+    from experiments.locks import RunLock
+
+    monkeypatch.delenv("TLIT_RUN_LOCK_HELD", raising=False)
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = RunLock(out)
+        lock.acquire()
+        info = json.loads(lock.path.read_text())
+        lock.path.write_text(json.dumps({**info, "pid": holder.pid, "proc_start": None}))  # a live other holder
+        assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=3)]) == 2
+        assert "is being run by" in capsys.readouterr().err
+        assert not (out / "summary.json").exists()
+    finally:
+        holder.kill()
