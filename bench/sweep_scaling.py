@@ -5,7 +5,9 @@ Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 2
 1. Scaling: the same micro sweep (``--trials`` real trials: one layer, d_model 32, ``--steps`` optimizer
    steps, random sampler, no pruning) with ``tlit sweep --workers 1 --devices cpu:1`` and then
    ``--workers 2 --devices cpu:2``; each worker is one process with one thread. Target on 2 free cores:
-   about half the time with 2 workers (speedup ~2; each worker's ~5-10 s of imports is not parallel work).
+   about half the time with 2 workers (speedup ~2, less each worker's ~5-10 s of imports, paid per worker).
+   A second pass with the test-only stand-in trial (a sleep, no CPU) shows what the workers' scheduling
+   gives when the cores are not the limit (other jobs on the machine do not change it).
 2. Pruning: ``--pruning-trials`` trials with the median pruner (dev PPL every 10 steps) against the same
    sweep without it, both on 2 workers with the same seeded random sampler (so both draw the same points).
    Training steps are summed over the run folders (``summary.json`` or ``pruned.json``). Target: >= 30%
@@ -63,10 +65,13 @@ def write_sweep(folder: Path, name: str, trials: int, steps: int, pruner: str, c
     return path
 
 
-def run_sweep(folder: Path, path: Path, workers: int) -> tuple[float, float]:
-    """Run ``tlit sweep`` on ``workers`` CPU slots; returns (wall seconds, CPU seconds of its processes)."""
+def run_sweep(folder: Path, path: Path, workers: int, standin: float = 0.0) -> tuple[float, float]:
+    """Run ``tlit sweep`` on ``workers`` CPU slots; returns (wall seconds, CPU seconds of its processes).
+    ``standin``: seconds of the test-only stand-in trial instead of training (0: train)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TLIT_SWEEP_STANDIN", None)
+    if standin:
+        env["TLIT_SWEEP_STANDIN"] = str(standin)
     argv = [sys.executable, "-m", "experiments.cli", "sweep", str(path), "--workers", str(workers)]
     argv += ["--devices", f"cpu:{workers}"]
     cpu0 = _children_cpu()
@@ -111,6 +116,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per trial")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--standin",
+        type=float,
+        default=1.5,
+        help="seconds of a stand-in trial for the scheduling check (0: skip)",
+    )
     args = parser.parse_args()
 
     folder = Path(args.out or tempfile.mkdtemp(prefix="sweep_bench_"))
@@ -138,6 +149,19 @@ def main() -> None:
         result |= {"trials": args.trials, "time_1_worker_s": round(one, 1), "time_2_workers_s": round(two, 1)}
         result |= {"cpu_1_worker_s": round(cpu1, 1), "cpu_2_workers_s": round(cpu2, 1)}
         result["speedup"] = round(speedup, 3)
+
+    if args.standin:
+        print(f"scheduling: {args.trials} stand-in trials of {args.standin} s (sleep, no CPU), no pruning")
+        one, _ = run_sweep(
+            folder, write_sweep(folder, "sched1", args.trials, 10, "none", cache), 1, args.standin
+        )
+        two, _ = run_sweep(
+            folder, write_sweep(folder, "sched2", args.trials, 10, "none", cache), 2, args.standin
+        )
+        print(
+            f"  speedup with 2 workers: {one / two:.2f}x ({one:.1f} s -> {two:.1f} s): the workers' own share"
+        )
+        result |= {"speedup_standin": round(one / two, 3)}
 
     print(f"pruning: {args.pruning_trials} trials x {args.steps} steps, 2 workers, median pruner vs none")
     run_sweep(folder, write_sweep(folder, "nopruning", args.pruning_trials, args.steps, "none", cache), 2)

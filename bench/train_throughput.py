@@ -24,11 +24,12 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -223,24 +224,29 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Result:
-    """One model's timed steps: target tokens, wall seconds and process CPU seconds."""
+    """One model's timed samples (a step on CPU, a round of steps on GPU): tokens, wall and CPU seconds."""
 
+    tokens: list[int] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     steps: int = 0
-    tokens: int = 0
-    wall: float = 0.0
-    cpu: float = 0.0
 
     @property
     def tok_s(self) -> float:
-        return self.tokens / self.wall
+        """Median over samples: robust to other processes stealing the cores for a while."""
+        return statistics.median(t / w for t, w in zip(self.tokens, self.wall, strict=True))
+
+    @property
+    def tok_s_mean(self) -> float:
+        return sum(self.tokens) / sum(self.wall)
 
     @property
     def tok_cpu_s(self) -> float:
-        return self.tokens / self.cpu
+        return sum(self.tokens) / sum(self.cpu)
 
     @property
     def steps_s(self) -> float:
-        return self.steps / self.wall
+        return self.steps / sum(self.wall)
 
 
 def measure(
@@ -269,21 +275,29 @@ def measure(
         for i in range(warmup):
             steps[name](batches[i % len(batches)])
         sync(device)
+    per_step = device.type == "cpu"  # on a GPU, time whole rounds so that steps overlap with launches
     start = time.perf_counter()
     for round_ in range(rounds):
         if round_ and budget_s is not None and time.perf_counter() - start > budget_s:
             break
         for name in names:
             r = results[name]
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu, count = time.perf_counter(), time.process_time(), 0
             for _ in range(steps_per_round):
                 i = r.steps % len(batches)
                 steps[name](batches[i])
                 r.steps += 1
-                r.tokens += tokens[i]
-            sync(device)
-            r.wall += time.perf_counter() - wall
-            r.cpu += time.process_time() - cpu
+                count += tokens[i]
+                if per_step:
+                    r.tokens.append(count)
+                    r.wall.append(time.perf_counter() - wall)
+                    r.cpu.append(time.process_time() - cpu)
+                    wall, cpu, count = time.perf_counter(), time.process_time(), 0
+            if not per_step:
+                sync(device)
+                r.tokens.append(count)
+                r.wall.append(time.perf_counter() - wall)
+                r.cpu.append(time.process_time() - cpu)
     return results
 
 
@@ -400,11 +414,12 @@ def main(argv: list[str] | None = None) -> None:
             suffix = "" if precision == "fp32" else f"_{precision}"
             for n in names:
                 result[f"{n}_tok_s{suffix}"] = round(res[n].tok_s, 1)
+                result[f"{n}_tok_s_mean{suffix}"] = round(res[n].tok_s_mean, 1)
                 if on_cpu:
                     result[f"{n}_tok_cpu_s{suffix}"] = round(res[n].tok_cpu_s, 1)
             if not on_cpu and precision == "bf16":
                 report_mfu(size, res, device, result)
-    print_table("Training throughput: target tokens per second (wall clock)", rows)
+    print_table("Training throughput: target tokens per second (median of timed steps, wall clock)", rows)
     if on_cpu:
         print_table("Target tokens per process-CPU-second (less sensitive to other processes)", cpu_rows)
     for size_name, precision, r in rows:

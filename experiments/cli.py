@@ -365,11 +365,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import os
 
     from experiments import sweep as SW
-    from experiments import sweep_space as SP
+    from experiments import sweep_file as SF
     from experiments import sweep_storage as SS
 
     overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
-    spec = SP.load_sweep(
+    spec = SF.load_sweep(
         args.file,
         scale=args.scale,
         study=args.study,

@@ -242,7 +242,6 @@ def eval_run(
     cfg, model, tokenizer = load_run(run_dir, average=average, checkpoint=checkpoint)
 
     from transformer_lit.corpora import load_corpus
-
     from transformer_lit.decoding import translate
     from transformer_lit.metrics import perplexity, sacre_bleu, tokenized_bleu
 

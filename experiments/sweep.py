@@ -36,9 +36,7 @@ from experiments import sweep_storage as S
 from experiments.sweep_space import SweepError, SweepSpec, make_pruner, make_sampler
 from experiments.sweep_trials import PRUNED, STANDIN_ENV, Objective, make_objective, trial_dir
 
-__all__ = [
-    "PRUNED", "STANDIN_ENV", "launch_workers", "open_study", "run_sweep", "run_trial", "run_worker", "trial_dir",
-]  # fmt: skip
+__all__ = ["PRUNED", "STANDIN_ENV", "open_study", "run_sweep", "run_trial", "run_worker", "trial_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +152,7 @@ def run_worker(
     """
     study = open_study(spec, storage, worker=worker)
     objective = objective or make_objective(spec, runs_root, list(extra))
-    poll = max(0.5, min(5.0, spec.heartbeat_interval / 2))
+    poll = 1.0  # an idle worker looks for retries this often; also its delay in noticing the study is done
     failures = 0
     with _sigterm_as_interrupt():
         while True:

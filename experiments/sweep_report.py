@@ -217,7 +217,8 @@ def export_best(spec: SweepSpec, study: optuna.Study, sweeps_root: str | Path) -
             dropped.append(name)
     values = ", ".join(f"{o}={v:.4g}" for o, v in zip(spec.objectives, t.values, strict=True))
     about = (
-        f"The best trial of sweep {spec.study} ({spec.path}, scale {spec.scale}): trial {t.number}, {values}; "
+        f"The best trial of sweep {spec.study} ({spec.path}, scale {spec.scale}): trial {t.number}, {values};"
+        " "
         f"written by `tlit sweep {spec.path} --export-best`. Cells are at the paper's size, as in "
         f"ablations/{spec.grid.path.name}; row {spec.row} is the sweep's starting point, for comparison."
     )

@@ -23,6 +23,7 @@ import yaml
 from experiments import cli
 from experiments import grid as G
 from experiments import sweep as SW
+from experiments import sweep_file as SF
 from experiments import sweep_report as RP
 from experiments import sweep_space as SP
 from experiments import sweep_storage as SS
@@ -117,7 +118,7 @@ def assert_no_trial_lost_or_repeated(study: optuna.Study, cwd: Path, wanted: int
 def test_every_shipped_sweep_loads(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# tlit sweep ablations/sweeps/") and path.name in first, first
-    spec = SP.load_sweep(path)
+    spec = SF.load_sweep(path)
     assert spec.study == path.stem and spec.budget >= 1
     spec.base_config()
     SP.make_sampler(spec, seed=1)
@@ -128,24 +129,24 @@ def test_every_shipped_sweep_loads(path: Path):
 
 def test_shipped_sweeps_cover_the_issue():
     assert len(SWEEPS) >= 2
-    heads = SP.load_sweep("heads_dk")
+    heads = SF.load_sweep("heads_dk")
     assert heads.params["model.num_heads"].choices == (1, 2, 4, 8, 16)
     assert {"model.dropout", "optim.label_smoothing", "model.positional"} <= set(heads.params)
-    assert SP.load_sweep("heads_fixed_compute").constraint == "fixed_compute"
-    assert SP.load_sweep("regularisation").directions == ["minimize", "maximize"]
+    assert SF.load_sweep("heads_fixed_compute").constraint == "fixed_compute"
+    assert SF.load_sweep("regularisation").directions == ["minimize", "maximize"]
 
 
 def test_params_are_given_at_paper_size_and_scaled_like_grid_rows():
-    d_k = {s: SP.load_sweep("heads_dk", scale=s).params["model.d_k"] for s in ("paper", "small", "tiny")}
+    d_k = {s: SF.load_sweep("heads_dk", scale=s).params["model.d_k"] for s in ("paper", "small", "tiny")}
     assert [(p.low, p.high, p.log) for p in d_k.values()] == [(8, 128, True), (4, 64, True), (1, 16, True)]
-    spec = SP.load_sweep("heads_dk")
+    spec = SF.load_sweep("heads_dk")
     assert spec.to_paper("model.d_k", 3) == 24 and spec.to_paper("model.dropout", 0.2) == 0.2
     assert spec.base_config().model.d_model == 64  # tiny base, as in the grid
     assert spec.base_config().train.max_steps == 600  # fixed values are literal
 
 
 def test_fixed_compute_derives_d_k_and_d_v_from_h():
-    spec = SP.load_sweep("heads_fixed_compute")
+    spec = SF.load_sweep("heads_fixed_compute")
     assert spec.budget == 12  # grid sampler: 6 h x 2 positional, capped
     values = {"model.num_heads": 16, "model.positional": "learned"}
     cfg = spec.config({**values, **spec.derived(values, spec.base_config())})
@@ -184,7 +185,7 @@ BAD = [
 def test_bad_sweep_files_fail_in_one_line_naming_the_file(tmp_path: Path, change: dict, message: str):
     path = write_sweep(tmp_path, **change)
     with pytest.raises(SP.SweepError) as err:
-        SP.load_sweep(path)
+        SF.load_sweep(path)
     text = str(err.value)
     assert message in text and str(path) in text and "\n" not in text, text
 
@@ -214,8 +215,8 @@ def test_study_reaches_its_count_and_a_rerun_continues_it(tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(SW.STANDIN_ENV, "0.01")
     path = write_sweep(tmp_path)
-    assert SW.run_sweep(SP.load_sweep(path, trials=4), None) == 0
-    spec = SP.load_sweep(path, trials=7)
+    assert SW.run_sweep(SF.load_sweep(path, trials=4), None) == 0
+    spec = SF.load_sweep(path, trials=7)
     assert SW.run_sweep(spec, None) == 0  # same command, more trials: continues the study
     url = SS.default_storage("results/sweeps", spec.study)
     study = study_of(spec, url)
@@ -225,7 +226,7 @@ def test_study_reaches_its_count_and_a_rerun_continues_it(tmp_path: Path, monkey
     assert (folder / "config.yaml").is_file()
     assert SW.run_sweep(spec, None) == 0 and len(study_of(spec, url).trials) == 7  # nothing left to do
     with pytest.raises(SP.SweepError, match="different scale"):
-        SW.run_sweep(SP.load_sweep(path, scale="small"), None)  # same study name, another space
+        SW.run_sweep(SF.load_sweep(path, scale="small"), None)  # same study name, another space
 
 
 def test_grid_sampler_visits_each_point_once(tmp_path: Path, monkeypatch):
@@ -245,7 +246,7 @@ def test_grid_sampler_visits_each_point_once(tmp_path: Path, monkeypatch):
         params=params,
         trials=50,
     )
-    spec = SP.load_sweep(path)
+    spec = SF.load_sweep(path)
     assert spec.budget == 6
     assert SW.run_sweep(spec, None) == 0
     study = study_of(spec, SS.default_storage("results/sweeps", spec.study))
@@ -262,7 +263,7 @@ def test_two_worker_processes_share_a_journal_study(tmp_path: Path):
     done = sweep_cli(tmp_path, str(path), "--workers", "2", "--devices", "cpu:2", standin=0.2)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12/12 finished" in done.stdout
-    spec = SP.load_sweep(path)
+    spec = SF.load_sweep(path)
     study = study_of(spec, str(tmp_path / SS.default_storage("results/sweeps", spec.study)))
     assert_no_trial_lost_or_repeated(study, tmp_path, 12)
     pids = {
@@ -273,6 +274,29 @@ def test_two_worker_processes_share_a_journal_study(tmp_path: Path):
     assert len(pids) == 2  # both workers ran trials
     logs = sorted(p.name for p in (tmp_path / "results/sweeps/micro/workers").iterdir())
     assert logs == ["worker0.log", "worker1.log"]
+
+
+def test_workers_starting_together_share_a_fresh_sqlite_study(tmp_path: Path):
+    """Two processes creating one fresh SQLite study at once collide in Optuna's schema set-up (DESIGN.md
+    field notes); the schema lock serialises them."""
+    path = write_sweep(tmp_path, trials=6)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    workers = [start_worker(tmp_path, path, i, url, standin=0.1) for i in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
+    assert_no_trial_lost_or_repeated(study_of(SF.load_sweep(path), url), tmp_path, 6)
+
+
+def test_exported_fixed_compute_row_is_at_paper_size():
+    spec = SF.load_sweep("heads_fixed_compute")
+    trial = optuna.trial.create_trial(
+        params={"model.num_heads": 4, "model.positional": "learned"},
+        distributions={name: p.distribution() for name, p in spec.params.items()},
+        value=5.0,
+    )
+    cells = RP.best_cells(spec, trial)  # tiny: h=4 -> d_k = d_v = 64 / 4 = 16, i.e. 128 at the paper's size
+    assert cells == {"model.num_heads": 4, "model.positional": "learned", "model.d_k": 128, "model.d_v": 128}
 
 
 def start_worker(folder: Path, path: Path, index: int, storage: str, standin: float) -> subprocess.Popen:
@@ -296,7 +320,7 @@ def start_worker(folder: Path, path: Path, index: int, storage: str, standin: fl
 def kill_a_worker_mid_trial(folder: Path, path: Path, storage: str, trials: int) -> None:
     """Two workers; SIGKILL the first in the middle of a trial; the other must finish the study, retrying
     the killed trial (same parameters, same run folder) once its heartbeat is stale."""
-    spec = SP.load_sweep(path)
+    spec = SF.load_sweep(path)
     victim = start_worker(folder, path, 0, storage, standin=2.0)
     ledgers = folder / "results" / "runs"
     deadline = time.monotonic() + 60
@@ -339,7 +363,7 @@ def test_killed_worker_trial_is_failed_and_retried_journal(tmp_path: Path):
 
 
 def test_pruned_trial_stops_early_and_its_run_folder_says_so(tmp_path: Path):
-    spec = SP.load_sweep(write_sweep(tmp_path))
+    spec = SF.load_sweep(write_sweep(tmp_path))
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0, n_warmup_steps=10))
     trial = study.ask()
     objective = SW.make_objective(spec, tmp_path / "runs", [f"data.cache_dir={tmp_path / 'cache'}"])
@@ -354,11 +378,10 @@ def test_pruned_trial_stops_early_and_its_run_folder_says_so(tmp_path: Path):
     assert max(steps) < 20
 
 
-@pytest.mark.slow
 def test_real_micro_sweep_then_report_and_export(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(SW.STANDIN_ENV, raising=False)
-    spec = SP.load_sweep(write_sweep(tmp_path, trials=3, pruner="none", pruner_options={}))
+    spec = SF.load_sweep(write_sweep(tmp_path, trials=3, pruner="none", pruner_options={}))
     assert SW.run_sweep(spec, None) == 0
     study = RP.load_study(spec, None, "results/sweeps")
     for t in study.trials:

@@ -15,7 +15,7 @@ import pytest
 
 from experiments import cli
 from experiments import sweep as SW
-from experiments import sweep_space as SP
+from experiments import sweep_file as SF
 from experiments import sweep_storage as SS
 from tests.test_sweep import (
     assert_no_trial_lost_or_repeated,
@@ -65,7 +65,7 @@ def test_workers_starting_together_share_a_postgres_study(tmp_path: Path, postgr
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err
-    study = study_of(SP.load_sweep(path), postgres_url)
+    study = study_of(SF.load_sweep(path), postgres_url)
     assert_no_trial_lost_or_repeated(study, tmp_path, 10)
 
 
@@ -77,7 +77,7 @@ def test_cli_workers_on_postgres(tmp_path: Path, postgres_url: str):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8/8 finished" in done.stdout
     assert not (tmp_path / "results" / "sweeps" / "pg_cli" / "journal.log").exists()
-    assert_no_trial_lost_or_repeated(study_of(SP.load_sweep(path), postgres_url), tmp_path, 8)
+    assert_no_trial_lost_or_repeated(study_of(SF.load_sweep(path), postgres_url), tmp_path, 8)
 
 
 def test_killed_worker_trial_is_failed_and_retried_postgres(tmp_path: Path, postgres_url: str):
@@ -88,7 +88,7 @@ def test_killed_worker_trial_is_failed_and_retried_postgres(tmp_path: Path, post
 def test_real_micro_sweep_on_postgres(tmp_path: Path, postgres_url: str, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(SW.STANDIN_ENV, raising=False)
-    spec = SP.load_sweep(write_sweep(tmp_path, "pg_micro", trials=3), overrides={"train.max_steps": 15})
+    spec = SF.load_sweep(write_sweep(tmp_path, "pg_micro", trials=3), overrides={"train.max_steps": 15})
     assert SW.run_sweep(spec, postgres_url) == 0
     study = study_of(spec, postgres_url)
     states = [t.state for t in study.trials]
