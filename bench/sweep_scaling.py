@@ -9,7 +9,8 @@ Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 2
    A second pass with the test-only stand-in trial (a sleep, no CPU) shows what the workers' scheduling
    gives when the cores are not the limit (other jobs on the machine do not change it).
 2. Pruning: ``--pruning-trials`` trials with the median pruner (dev PPL every 10 steps) against the same
-   sweep without it, both on 2 workers with the same seeded random sampler (so both draw the same points).
+   sweep without it, both on 2 workers with the same seeded random sampler (each worker draws from its own
+   seeded sequence, so the two sweeps sample nearly the same points).
    Training steps are summed over the run folders (``summary.json`` or ``pruned.json``). Target: >= 30%
    fewer steps.
 

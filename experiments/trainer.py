@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,7 @@ def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo) -> Any:
     flat = C.flat_dict(cfg) | {"grid": info.grid, "scale": info.scale, "row": info.row}
     run_id_file = run_dir / "wandb_id.txt"  # the same W&B run continues after a resume
     if not run_id_file.is_file():
-        from wandb.util import generate_id
-
-        run_id_file.write_text(generate_id())
+        run_id_file.write_text(uuid.uuid4().hex[:12])
     run_id = run_id_file.read_text().strip()
     logger = WandbLogger(
         project=cfg.train.wandb_project,

@@ -182,3 +182,14 @@ def test_kv_cache_reorder_with_repeated_rows() -> None:
     out = [attn.step(x[index, i : i + 1], cache) for i in range(3, 5)]
     full = attn(x[index], causal=True)
     torch.testing.assert_close(torch.cat(out, dim=1), full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_queries_aligned_to_the_last_keys(padded: bool) -> None:
+    """With t < s queries, causal means the queries are the last t positions (cached decoding of n tokens)."""
+    q, k, v = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 5)
+    mask = _padding([6, 5], 6) if padded else None
+    full = attend(q, k, v, key_padding_mask=mask, causal=True)
+    for impl in ("sdpa", "reference"):
+        tail = attend(q[:, :, 4:], k, v, key_padding_mask=mask, causal=True, impl=impl)
+        torch.testing.assert_close(tail, full[:, :, 4:], atol=1e-5, rtol=1e-5)

@@ -5,15 +5,17 @@ per head, d_v value width per head, L cached length during incremental decoding.
 
 Mask convention (the only one in the project):
 - ``key_padding_mask``: bool (b, s), True at PAD positions, which no query may attend to.
-- causal masking (decoder self-attention, Section 3.2.3) is a flag, ``causal=True``: query i sees keys <= i.
-  It assumes queries and keys start at the same position (a full recompute); cached decoding needs no mask
-  because the one new query may see every cached key.
+- causal masking (decoder self-attention, Section 3.2.3) is a flag, ``causal=True``: the t queries are the
+  last t of the s key positions, and each sees only keys at or before its own position (t == s in a full
+  recompute; one new query in cached decoding sees every cached key, so that needs no mask at all).
 A query row whose keys are all masked returns zeros (never NaN), in the fast path and in the reference.
 
 The fast path is ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), which accepts values whose
-width d_v differs from d_k and scales by 1/sqrt(d_k) (Section 3.2.1). :func:`reference_attention` is the
-explicit softmax(QK^T / sqrt(d_k)) V, kept for the tests. There is no dropout inside attention: the model
-applies dropout only to sub-layer outputs and to embedding+position sums (Section 5.4).
+width d_v differs from d_k and scales by 1/sqrt(d_k) (Section 3.2.1); with no padding mask and t == s it
+runs with ``is_causal=True`` and no mask tensor. :func:`reference_attention` is the explicit
+softmax(QK^T / sqrt(d_k)) V, kept for the tests, and also taken for bf16 on CPU, where it is faster than
+SDPA's CPU kernel. There is no dropout inside attention: the model applies dropout only to sub-layer
+outputs and to embedding+position sums (Section 5.4).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from torch import Tensor, nn
 AttentionImpl = Literal["sdpa", "reference"]
 
 
+def future_mask(t: int, s: int, device: torch.device) -> Tensor:
+    """(t, s) bool, True where key j lies after query i, the t queries being the last t of s positions."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).triu(s - t + 1)
+
+
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None, causal: bool = False
 ) -> Tensor:
@@ -40,7 +47,7 @@ def reference_attention(
         k: Keys (b, h, s, d_k).
         v: Values (b, h, s, d_v).
         key_padding_mask: Bool (b, s), True at keys to ignore.
-        causal: Mask keys after each query's position (query i sees keys 0..i).
+        causal: Mask keys after each query's position (query i sees keys 0 .. s - t + i).
 
     Returns:
         (b, h, t, d_v); rows with no visible key are zero.
@@ -49,8 +56,7 @@ def reference_attention(
     if key_padding_mask is not None:
         scores.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))  # (b, 1, 1, s) broadcast
     if causal:
-        t, s = scores.shape[-2:]
-        scores.masked_fill_(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        scores.masked_fill_(future_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
     weights = scores.softmax(dim=-1)  # (b, h, t, s)
     if key_padding_mask is not None:
         weights = weights.nan_to_num(0.0)  # fully masked rows: 0/0 -> 0, as SDPA
@@ -79,12 +85,15 @@ def attend(
     """
     if impl == "reference" or _prefer_explicit(q):
         return reference_attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    keep = ~key_padding_mask[:, None, None, :]  # (b, 1, 1, s), SDPA's bool masks mark keys to keep
+    t, s = q.size(-2), k.size(-2)
+    if key_padding_mask is None and (not causal or t == s):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # no mask tensor at all
+    keep = None  # SDPA's bool masks mark the keys to keep
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # (b, 1, 1, s)
     if causal:
-        t, s = q.size(-2), k.size(-2)
-        keep = keep & torch.ones(t, s, dtype=torch.bool, device=q.device).tril()  # (b, 1, t, s)
+        past = ~future_mask(t, s, q.device)  # (t, s)
+        keep = past if keep is None else keep & past  # (b, 1, t, s)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
@@ -206,21 +215,8 @@ class MultiHeadSelfAttention(_HeadsMixin, nn.Module):
         """
         q, k, v = self._project(x)  # (b, h, n, d_k), (b, h, n, d_k), (b, h, n, d_v)
         k_all, v_all = cache.append(k, v)  # (b, h, L, d_k), (b, h, L, d_v)
-        out = (
-            attend(q, k_all, v_all, causal=False, impl=self.impl)
-            if q.size(2) == 1
-            else self._attend_tail(q, k_all, v_all)
-        )
+        out = attend(q, k_all, v_all, causal=q.size(2) > 1, impl=self.impl)  # (b, h, n, d_v)
         return self.w_o(self._merge(out))  # (b, n, d_model)
-
-    def _attend_tail(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Several new queries at the end of the cache: query i sees keys up to L - n + i."""
-        n, total = q.size(2), k.size(2)
-        future = torch.ones(n, total, dtype=torch.bool, device=q.device).triu(total - n + 1)  # (n, L)
-        if self.impl == "reference":
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_k)  # (b, h, n, L)
-            return scores.masked_fill(future, float("-inf")).softmax(-1) @ v  # (b, h, n, d_v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~future)
 
 
 class MultiHeadCrossAttention(_HeadsMixin, nn.Module):

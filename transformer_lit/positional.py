@@ -48,7 +48,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         end = offset + length
         if end > self.table.size(0):
             capacity = 1 << (end - 1).bit_length()
-            self.table = sinusoid_table(capacity, self.d_model).to(self.table.device)
+            self.table = sinusoid_table(capacity, self.d_model).to(self.table.device, self.table.dtype)
         return self.table[offset:end]  # (length, d_model)
 
     def extra_repr(self) -> str:
