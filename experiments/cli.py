@@ -44,7 +44,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--row", default="base", help="row of the grid (default: base)")
     p.add_argument("--scale", default="tiny", help="scale: paper, small, tiny, ... (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default: results/runs/<grid>/<scale>/<row>/seed<k>)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default: results/runs/<grid>/<scale>/<row>/seed<k>)"
+    )
     p.add_argument("--runs", default="results/runs", help="root of the run folders")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(func=cmd_train)
@@ -57,7 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     grid = G.load_grid(args.grid)
     overrides = dict(C.parse_override(o) for o in args.overrides)
     cfg = grid.config(args.row, args.scale, args.seed, overrides)
-    run_dir = Path(args.out) if args.out else G.run_dir_for(args.runs, grid.name, args.scale, args.row, args.seed)
+    run_dir = (
+        Path(args.out) if args.out else G.run_dir_for(args.runs, grid.name, args.scale, args.row, args.seed)
+    )
     existing = R.read_summary(run_dir)
     if existing is not None and existing.get("status") == "complete":
         print(f"{run_dir} is already complete (summary.json present); nothing to do")
@@ -118,7 +122,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from experiments.evaluate import eval_run
 
     result = eval_run(
-        args.run_dir, split=args.split, beam=args.beam, alpha=args.alpha, average=args.average,
+        args.run_dir,
+        split=args.split,
+        beam=args.beam,
+        alpha=args.alpha,
+        average=args.average,
         max_len_b=args.max_len_b,
     )
     for key, value in result.items():
@@ -131,7 +139,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     lines = [line.rstrip("\n") for line in sys.stdin]
     hyps = translate_lines(
-        args.run_dir, lines, beam=args.beam, alpha=args.alpha, average=args.average, progress=not sys.stdin.isatty()
+        args.run_dir,
+        lines,
+        beam=args.beam,
+        alpha=args.alpha,
+        average=args.average,
+        progress=not sys.stdin.isatty(),
     )
     sys.stdout.write("".join(h + "\n" for h in hyps))
     return 0
@@ -197,7 +210,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     from experiments.tables import make_table
 
     result = make_table(
-        args.grid, scale=args.scale, runs_root=args.runs, wandb=args.wandb, out=args.out, formats=args.format,
+        args.grid,
+        scale=args.scale,
+        runs_root=args.runs,
+        wandb=args.wandb,
+        out=args.out,
+        formats=args.format,
         plots=not args.no_plots,
     )
     print(result.markdown, end="")
@@ -434,13 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool) -> None:
     """Our loggers at INFO; Lightning keeps its own handler (no double lines) and its chatter is muted."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("lightning").propagate = False
     if not verbose:
         logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-        for pattern in (".*Experiment logs directory .* exists and is not empty.*",
-                        ".*Checkpoint directory .* exists and is not empty.*",
-                        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+        for pattern in (
+            ".*Experiment logs directory .* exists and is not empty.*",
+            ".*Checkpoint directory .* exists and is not empty.*",
+            ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ):
             warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -194,7 +194,9 @@ def test_runtime_fields_may_change_on_resume(tmp_path):
     out = tmp_path / "run"
     cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=3))
     R.check_or_write_config(out, cfg)
-    moved = C.apply_overrides(cfg, {"train.num_threads": 2, "train.progress_bar": True, "train.accelerator": "cpu"})
+    moved = C.apply_overrides(
+        cfg, {"train.num_threads": 2, "train.progress_bar": True, "train.accelerator": "cpu"}
+    )
     R.check_or_write_config(out, moved)  # where/how it runs may change...
     assert C.load_yaml(out / "config.yaml").train.num_threads == 2
     with pytest.raises(R.RunFolderConflict, match=r"model.d_k: 8 there, 4 now"):
@@ -211,9 +213,25 @@ def test_a_locked_run_is_not_trained_twice(tmp_path, capsys, monkeypatch):
         lock = RunLock(out)
         lock.acquire()
         info = json.loads(lock.path.read_text())
-        lock.path.write_text(json.dumps({**info, "pid": holder.pid, "proc_start": None}))  # a live other holder
+        lock.path.write_text(
+            json.dumps({**info, "pid": holder.pid, "proc_start": None})
+        )  # a live other holder
         assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=3)]) == 2
         assert "is being run by" in capsys.readouterr().err
         assert not (out / "summary.json").exists()
     finally:
         holder.kill()
+
+
+def test_wandb_offline_run_is_logged_into_the_run_folder(tmp_path, monkeypatch):
+    """Real W&B in offline mode (no server exists here): one W&B run per run folder, the same id after a
+    resume, files that `wandb sync` can upload later."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    args = [a for a in micro_args(tmp_path, steps=4) if not a.startswith("train.wandb")]
+    assert tlit(["train", "--out", str(out), "--row", "B1", *args, "train.wandb=true"]) == 0
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    files = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+    assert json.loads((out / "summary.json").read_text())["row"] == "B1"
