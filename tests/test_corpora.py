@@ -437,3 +437,12 @@ def test_prepare_wmt14_extracts_the_paper_layout(tmp_path: Path) -> None:
     )
     assert corpora.prepare_wmt14(out, urls={"x": "http://192.0.2.1/never-fetched"}) == out  # prepared: no-op
     assert corpus_key(DataConfig(corpus="wmt14", train=(str(out),))).startswith("wmt14-")
+
+
+def test_synthetic_max_words_shortens_train_and_keeps_test_longer():
+    cfg = DataConfig(synthetic_pairs=300, synthetic_eval_pairs=40, synthetic_max_words=12)
+    corpus = load_corpus(cfg)
+    longest_train = max(len(src.replace(",", " ,").replace(".", " .").split()) for src, _ in corpus.train)
+    shortest_test = min(len(src.replace(",", " ,").replace(".", " .").split()) for src, _ in corpus.test)
+    assert longest_train <= 12 < shortest_test
+    assert corpus_key(cfg) != corpus_key(DataConfig(synthetic_pairs=300, synthetic_eval_pairs=40))

@@ -96,6 +96,9 @@ class DataConfig:
     """Training pairs of the synthetic corpus."""
     synthetic_eval_pairs: int = 500
     """Pairs in each of the synthetic dev and test splits."""
+    synthetic_max_words: int = 30
+    """Longest train/dev source sentence (words and punctuation) of the synthetic corpus; test sentences
+    are longer (up to 20 more). Shorter sentences make an easier, cheaper task (the tiny scale)."""
     synthetic_seed: int = 0
     """Seed of the synthetic corpus generator (the corpus is a pure function of its settings)."""
     cache_dir: str = "results/cache"
@@ -108,11 +111,18 @@ class DataConfig:
             object.__setattr__(self, "train", tuple(p for p in self.train.split(",") if p))
         elif isinstance(self.train, list):
             object.__setattr__(self, "train", tuple(self.train))
-        for name in ("vocab_size", "max_tokens", "max_len", "synthetic_pairs", "synthetic_eval_pairs"):
+        names = ("vocab_size", "max_tokens", "max_len", "synthetic_pairs", "synthetic_eval_pairs")
+        for name in names:
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"data.{name}", value, "a positive integer")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "a non-negative integer")
         _require(self.vocab_size >= 16, "data.vocab_size", self.vocab_size, ">= 16")
+        _require(
+            isinstance(self.synthetic_max_words, int) and self.synthetic_max_words >= 8,
+            "data.synthetic_max_words",
+            self.synthetic_max_words,
+            "an integer >= 8",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,7 +57,7 @@ class Corpus:
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The corpus ``cfg`` describes (``data.corpus``); raises ``CorpusError`` with a one-line message."""
     if cfg.corpus == "synthetic":
-        splits = _synthetic_splits(cfg.synthetic_seed, cfg.synthetic_pairs, cfg.synthetic_eval_pairs)
+        splits = _synthetic_splits(cfg)
         corpus = Corpus(*(list(split) for split in splits), name=f"synthetic(seed={cfg.synthetic_seed})")
     elif cfg.corpus in ("text", "wmt14"):
         files = _text_files(cfg)
@@ -83,6 +83,8 @@ def corpus_key(cfg: DataConfig) -> str:
     if cfg.corpus == "synthetic":
         what: list = ["synthetic", synthetic.VERSION, cfg.synthetic_seed, cfg.synthetic_pairs]
         what.append(cfg.synthetic_eval_pairs)
+        if cfg.synthetic_max_words != synthetic.TRAIN_LENGTHS[1]:  # keeps the keys of existing caches
+            what.append(cfg.synthetic_max_words)
     elif cfg.corpus in ("text", "wmt14"):
         what = [cfg.corpus, cfg.src_lang, cfg.tgt_lang]
         for name, files in _text_files(cfg).items():
@@ -102,7 +104,7 @@ def write_synthetic(out_dir: str | Path, cfg: DataConfig | int) -> list[Path]:
     """
     if isinstance(cfg, int):
         cfg = DataConfig(synthetic_pairs=cfg)
-    splits = _synthetic_splits(cfg.synthetic_seed, cfg.synthetic_pairs, cfg.synthetic_eval_pairs)
+    splits = _synthetic_splits(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -115,8 +117,11 @@ def write_synthetic(out_dir: str | Path, cfg: DataConfig | int) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic_splits(seed: int, pairs: int, eval_pairs: int) -> tuple[tuple[Pair, ...], ...]:
-    return tuple(tuple(split) for split in synthetic.generate(seed, pairs, eval_pairs))
+def _synthetic_splits(cfg: DataConfig) -> tuple[tuple[Pair, ...], ...]:
+    splits = synthetic.generate(
+        cfg.synthetic_seed, cfg.synthetic_pairs, cfg.synthetic_eval_pairs, max_words=cfg.synthetic_max_words
+    )
+    return tuple(tuple(split) for split in splits)
 
 
 # ----------------------------------------------------------------------------------------------------------

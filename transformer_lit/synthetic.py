@@ -810,15 +810,22 @@ def sample_pairs(rnd: random.Random, n: int, lengths: tuple[int, int], *, long: 
     return pairs
 
 
-def generate(seed: int, train_pairs: int, eval_pairs: int) -> tuple[list, list, list]:
+def generate(
+    seed: int, train_pairs: int, eval_pairs: int, max_words: int = TRAIN_LENGTHS[1]
+) -> tuple[list, list, list]:
     """(train, dev, test) pair lists, a pure function of the arguments.
+
+    Train and dev sources have TRAIN_LENGTHS[0]..max_words tokens; test sources are longer than any of them
+    (max_words + 1 .. max_words + 20), so the test split always measures length generalisation.
 
     Dev and test are drawn first, so they do not change with ``train_pairs``; no source sentence appears
     twice in the corpus.
     """
     seen: set[str] = set()
-    dev = sample_pairs(random.Random(f"synthetic/{seed}/dev"), eval_pairs, TRAIN_LENGTHS, exclude=seen)
+    train_lengths = (TRAIN_LENGTHS[0], max_words)
+    test_lengths = (max_words + 1, max_words + TEST_LENGTHS[1] - TEST_LENGTHS[0] + 1)
+    dev = sample_pairs(random.Random(f"synthetic/{seed}/dev"), eval_pairs, train_lengths, exclude=seen)
     test_rnd = random.Random(f"synthetic/{seed}/test")
-    test = sample_pairs(test_rnd, eval_pairs, TEST_LENGTHS, long=True, exclude=seen)
-    train = sample_pairs(random.Random(f"synthetic/{seed}/train"), train_pairs, TRAIN_LENGTHS, exclude=seen)
+    test = sample_pairs(test_rnd, eval_pairs, test_lengths, long=True, exclude=seen)
+    train = sample_pairs(random.Random(f"synthetic/{seed}/train"), train_pairs, train_lengths, exclude=seen)
     return train, dev, test
