@@ -114,16 +114,23 @@ def grids_dir() -> Path:
     return here if here.is_dir() else Path.cwd() / "ablations"
 
 
-def resolve_grid_path(name_or_path: str | Path) -> Path:
-    """``table3`` or ``ablations/table3.yaml`` -> an existing path, or a one-line error listing grids."""
+def resolve_yaml(
+    name_or_path: str | Path, folder: Path, kind: str = "grid", error: type[ValueError] = GridError
+) -> Path:
+    """``table3`` or ``ablations/table3.yaml`` -> an existing path, or a one-line error listing what
+    ``folder`` holds (``kind`` names it: grid, sweep)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = grids_dir() / f"{name_or_path}.yaml"
+    candidate = folder / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in grids_dir().glob("*.yaml") if p.stem != "scales")
-    raise GridError(f"grid {str(name_or_path)!r} not found; grids in {grids_dir()}: {', '.join(known)}")
+    known = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "scales")
+    raise error(f"{kind} {str(name_or_path)!r} not found; {kind}s in {folder}: {', '.join(known)}")
+
+
+def resolve_grid_path(name_or_path: str | Path) -> Path:
+    return resolve_yaml(name_or_path, grids_dir())
 
 
 def load_grid(name_or_path: str | Path) -> Grid:

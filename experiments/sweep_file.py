@@ -77,14 +77,7 @@ def sweeps_dir() -> Path:
 
 
 def resolve_sweep_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    candidate = sweeps_dir() / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
-    raise SweepError(f"sweep {str(name_or_path)!r} not found; sweeps in {sweeps_dir()}: {', '.join(known)}")
+    return G.resolve_yaml(name_or_path, sweeps_dir(), "sweep", SweepError)
 
 
 def load_sweep(

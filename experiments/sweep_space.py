@@ -17,6 +17,7 @@ from typing import Any, Literal
 import optuna
 
 from experiments import grid as G
+from experiments.run import RUNTIME_FIELDS
 from transformer_lit import config as C
 
 OBJECTIVES = {"ppl_dev": "minimize", "bleu_dev": "maximize"}
@@ -25,15 +26,7 @@ MONITORS = {"ppl_dev": "val/ppl", "bleu_dev": "val/bleu"}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "successive_halving", "none")
 CONSTRAINTS = ("fixed_compute",)
-VOLATILE = (
-    "train.accelerator",
-    "train.num_threads",
-    "train.progress_bar",
-    "train.wandb",
-    "train.wandb_project",
-    "data.num_workers",
-    "data.cache_dir",
-)
+VOLATILE = RUNTIME_FIELDS
 """Config keys that say where a trial runs, not what it is: ignored when a study is compared to its file."""
 
 
