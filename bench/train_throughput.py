@@ -274,11 +274,13 @@ def measure(
     steps, results = {}, {name: Result() for name in names}
     for name in names:
         torch.manual_seed(0)
-        model = BUILDERS[name](size).to(device).train()
-        steps[name] = make_step(model, precision, device)
-        for i in range(warmup):
+        steps[name] = make_step(BUILDERS[name](size).to(device).train(), precision, device)
+    for i in range(warmup):
+        for name in names:
             steps[name](batches[i % len(batches)])
-        sync(device)
+    if warmup:  # on CPU the first model's second step ever runs ~1.5x slow (whichever model is first)
+        steps[names[0]](batches[0])
+    sync(device)
     per_step = device.type == "cpu"  # on a GPU, time whole rounds so that steps overlap with launches
     start = time.perf_counter()
     for round_ in range(rounds):
@@ -356,13 +358,13 @@ def print_table(title: str, rows: list[tuple[str, str, dict[str, float]]]) -> No
 def schedule(size_name: str, *, quick: bool, on_cpu: bool) -> tuple[int, int, int, float | None]:
     """(warm-up steps, rounds, steps per round, time budget of the timed steps in seconds) per model set.
 
-    A CPU base step costs about 2 s in fp32 on 2 idle cores (~370 GFLOP), so --quick caps the base timing
-    by a budget; tiny steps cost milliseconds.
+    A CPU base step costs about 2 s in fp32 on 2 idle cores (~370 GFLOP) and 5-8 s on a loaded one, so
+    --quick times one base step per model (a rough figure); tiny steps cost milliseconds.
     """
     if size_name == "tiny":
         return (5, 4, 10, 5.0) if quick else (20, 6, 50, None)
     if on_cpu:
-        return (1, 3, 1, 20.0) if quick else (2, 10, 3, None)
+        return (1, 1, 1, None) if quick else (2, 10, 3, None)
     return (5, 3, 10, None) if quick else (20, 6, 50, None)
 
 

@@ -67,6 +67,7 @@ def test_sinusoids_extend_on_demand_and_take_an_offset() -> None:
     torch.testing.assert_close(long, sinusoid_table(40, 8))
     torch.testing.assert_close(pe(3, offset=20), long[20:23])
     assert "table" not in pe.state_dict()  # non-persistent buffer: not in checkpoints
+    assert pe.bfloat16()(100).dtype == torch.bfloat16  # growing keeps the module's dtype
 
 
 def test_learned_positions_offset_and_limit() -> None:
