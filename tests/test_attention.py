@@ -17,8 +17,6 @@ from transformer_lit.attention import (
     reference_attention,
 )
 
-torch.set_num_threads(1)  # tiny tensors: threads only spin on a shared 2-core machine
-
 # (num_heads, d_k, d_v) at d_model 32: base-like, row B (d_k < d_v), row A1 (h=1, d_k=d_v=d_model), odd
 HEAD_SHAPES = [(4, 8, 8), (4, 2, 8), (1, 32, 32), (3, 5, 7)]
 

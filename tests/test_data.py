@@ -22,8 +22,6 @@ from transformer_lit.corpora import Corpus
 from transformer_lit.data import TranslationDataModule, encode_pairs, filter_by_length
 from transformer_lit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-torch.set_num_threads(1)
-
 WORDS_EN = "the a cat dog house river sees likes quickly old small green and under".split()  # noqa: SIM905
 WORDS_DE = "der die katze hund haus fluss sieht mag schnell alt klein grün und unter".split()  # noqa: SIM905
 

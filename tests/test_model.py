@@ -20,7 +20,6 @@ from transformer_lit.positional import (
 )
 
 V, PAD, BOS, EOS = 40, 0, 2, 3
-torch.set_num_threads(1)  # tiny tensors: threads only spin on a shared 2-core machine
 
 
 def tiny(**overrides) -> Transformer:

@@ -7,11 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from transformer_lit import ModelConfig, build_model, count_parameters
-
-torch.set_num_threads(1)
 
 # Table 3 of the paper: row -> (N, d_model, d_ff, h, d_k, d_v, positional, params in millions or None)
 TABLE3 = {
