@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "runs"
 GOLDEN = HERE / "golden"
 REFRESH = "UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_tables.py"
+GRID = str(HERE / "fixtures" / "grids" / "table3.yaml")  # a frozen copy: recalibrating a scale keeps goldens
 
 
 @pytest.fixture()
@@ -43,7 +44,7 @@ def runs(tmp_path: Path) -> Path:
 
 
 def fixture_table(runs: Path) -> tables.Table:
-    grid = load_grid("table3")
+    grid = load_grid(GRID)
     return tables.build_table(grid, "tiny", S.collect_folder_runs(grid, "tiny", runs))
 
 
@@ -57,7 +58,7 @@ def line(table: tables.Table, row: str) -> pd.Series:
 
 @pytest.mark.parametrize("fmt", ["md", "csv"])
 def test_golden_table(runs: Path, tmp_path: Path, fmt: str) -> None:
-    result = tables.make_table("table3", scale="tiny", runs_root=runs, out=tmp_path / "out", plots=False)
+    result = tables.make_table(GRID, scale="tiny", runs_root=runs, out=tmp_path / "out", plots=False)
     got = (tmp_path / "out" / f"table3-tiny.{fmt}").read_text()
     golden = GOLDEN / f"table3-tiny.{fmt}"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -186,7 +187,7 @@ def test_states_missing_failed_incomplete(runs: Path) -> None:
 
 
 def _record(run_dir: Path, row: str = "base", seed: int = 0) -> S.RunRecord:
-    grid = load_grid("table3")
+    grid = load_grid(GRID)
     return S.read_run_folder(run_dir, grid, "tiny", row, seed)
 
 
@@ -255,7 +256,7 @@ def test_paired_bootstrap_many_equals_sacrebleu_pairwise() -> None:
 
 
 def test_p_values_are_cached(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    grid = load_grid("table3")
+    grid = load_grid(GRID)
     cache = runs / "cache.json"
     first = tables.build_table(grid, "tiny", S.collect_folder_runs(grid, "tiny", runs), cache=cache)
     assert cache.is_file() and len(json.loads(cache.read_text())) == 3
@@ -351,7 +352,7 @@ def test_wandb_source_with_mocked_api(monkeypatch: pytest.MonkeyPatch) -> None:
         fake_run({**cfg, "row": "D3", "train.seed": 0}, _summary("D2", 0, 3.0, 40.0)),  # wrong row
     ]
     calls = mock_wandb_api(monkeypatch, runs)
-    grid = load_grid("table3")
+    grid = load_grid(GRID)
     records = S.collect_wandb_runs(grid, "tiny", "me/tlit")
     assert calls == [("me/tlit", {"group": "table3/tiny"}, False)]  # one query, not one per run
     table = tables.build_table(grid, "tiny", records, significance=False)
@@ -428,7 +429,7 @@ def test_wandb_runs_logged_offline_read_back(tmp_path: Path, monkeypatch: pytest
         monkeypatch.setenv(var, value)
     from transformer_lit import config as C
 
-    grid = load_grid("table3")
+    grid = load_grid(GRID)
     for row, ppl, bleu in (("base", 3.1, 41.0), ("A1", 3.6, 35.0)):  # what experiments/trainer.py logs
         flat = C.flat_dict(grid.config(row, "tiny", 0)) | {"grid": "table3", "scale": "tiny", "row": row}
         run = wandb.init(
@@ -473,7 +474,7 @@ def test_tables_import_no_torch(runs: Path, tmp_path: Path) -> None:
 
 def test_cli_end_to_end(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog) -> None:
     out = tmp_path / "out"
-    assert main(["table", "table3", "--runs", str(runs), "--out", str(out), "--format", "md,csv"]) == 0
+    assert main(["table", GRID, "--runs", str(runs), "--out", str(out), "--format", "md,csv"]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("# table3 at scale tiny") and "| A1 | h=1 |" in printed.out
     assert f"wrote {out / 'table3-tiny.md'}" in printed.err
@@ -493,7 +494,7 @@ def test_cli_end_to_end(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     ("argv", "message"),
     [
         (["table", "nosuchgrid"], "grid 'nosuchgrid' not found; grids in"),
-        (["table", "table3", "--scale", "huge"], "unknown scale 'huge'; scales are: paper, small, tiny"),
+        (["table", GRID, "--scale", "huge"], "unknown scale 'huge'; scales are: paper, small, tiny"),
         (
             ["table", "table3", "--format", "md,pdf"],
             "--format must be a comma list of md, csv, tex; got 'pdf'",
