@@ -23,14 +23,6 @@ PAD, BOS, EOS = 0, 2, 3
 TINY = dict(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_k=8, d_v=8, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_model(vocab: int = 40, seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(vocab_size=vocab, **{**TINY, **kw}).eval()

@@ -26,14 +26,6 @@ PAIRS = [
 DEV = PAIRS[:3] + [("", "")]  # an empty line stays aligned
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_run(root: Path, *, periodic: int = 0, positional: str = "sinusoidal") -> Path:
     """A run folder as experiments/run.py writes it, with a random tiny model."""
     run = root / "run"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from experiments import grid as G
+from experiments.tables import CELLS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "reference" / "table3_paper.csv"
@@ -34,18 +35,7 @@ def test_table3_rows_match_the_paper():
     assert list(grid.rows) == expected
     if not PAPER.is_file():
         pytest.skip(f"{PAPER} not present")
-    cols = {
-        "N": "model.num_layers",
-        "d_model": "model.d_model",
-        "d_ff": "model.d_ff",
-        "h": "model.num_heads",
-        "d_k": "model.d_k",
-        "d_v": "model.d_v",
-        "P_drop": "model.dropout",
-        "eps_ls": "optim.label_smoothing",
-        "positional": "model.positional",
-        "train_steps": "train.max_steps",
-    }
+    cols = {("train_steps" if col == "steps" else col): key for col, key in CELLS.items()}
     for rec in csv.DictReader(PAPER.open()):
         cfg = grid.config(rec["row"], "paper")
         flat = {
