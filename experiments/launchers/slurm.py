@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 CLUSTERS = ("slurm", "local", "debug")
 
 
+def _skipped(message: str) -> dict[str, Any]:
+    """The result of a task that had nothing to train."""
+    return {"state": B.JobState.SKIPPED.value, "attempts": 0, "seconds": 0.0, "message": message}
+
+
 @dataclass
 class SlurmOptions:
     """Resources of one array task (one run); the GPU count comes from the run's ``train.devices``.
@@ -127,21 +132,11 @@ class TrainTask:
     def __call__(self, job: B.Job) -> dict[str, Any]:
         start = time.time()
         if B.is_complete(job.run_dir):
-            return {
-                "state": B.JobState.SKIPPED.value,
-                "attempts": 0,
-                "seconds": 0.0,
-                "message": "already complete",
-            }
+            return _skipped("already complete")
         lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
         while not lock.acquire():  # another grid runs it: wait for it (within this task's time)
             if B.is_complete(job.run_dir):
-                return {
-                    "state": B.JobState.SKIPPED.value,
-                    "attempts": 0,
-                    "seconds": 0.0,
-                    "message": "completed by another grid",
-                }
+                return _skipped("completed by another grid")
             time.sleep(max(self.poll, 5.0))
         self._lock = lock
         try:
