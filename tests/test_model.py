@@ -194,6 +194,29 @@ def test_initialisation() -> None:
     assert ff.bias.abs().max() == 0 and ff.weight.abs().max() <= math.sqrt(6 / (64 + 64))
 
 
+def test_fan_in_init_shrinks_only_the_residual_branch_outputs() -> None:
+    """init=fan_in: W_O, W_1, W_2 drawn from U(+-1/sqrt(fan_in)); W_Q, W_K, W_V stay Xavier."""
+    xavier, fan_in = (
+        tiny(d_model=64, d_ff=256, num_heads=4, d_k=16, d_v=16, init=i) for i in ("xavier", "fan_in")
+    )
+    for model in (xavier, fan_in):
+        layer = model.decoder.layers[0]
+        branch_outputs = [
+            layer.self_attn.w_o,
+            layer.cross_attn.w_o,
+            layer.feed_forward.w_1,
+            layer.feed_forward.w_2,
+        ]
+        for lin in branch_outputs:
+            bound, top = lin.in_features**-0.5, lin.weight.abs().max().item()
+            assert (top <= bound and top > 0.9 * bound) == (model is fan_in), (lin, top, bound)
+            assert lin.bias.abs().max() == 0
+        qkv = layer.self_attn.w_qkv.weight[:64]  # W_Q: 64 x 64, Xavier bound sqrt(6/128)
+        assert 0.9 * math.sqrt(6 / 128) < qkv.abs().max() <= math.sqrt(6 / 128)
+    with pytest.raises(ValueError, match="init must be one of xavier, fan_in"):
+        tiny(init="kaiming")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The whole model: shapes, masks, reference path, precision
 
@@ -307,7 +330,7 @@ def test_decoder_cache_reorder_with_repeated_rows() -> None:
 def test_build_model_reads_every_model_field() -> None:
     cfg = ModelConfig(
         num_layers=3, d_model=24, d_ff=40, num_heads=3, d_k=5, d_v=7, dropout=0.2, positional="learned",
-        max_positions=50, norm_order="pre", share_embeddings=False, layer_norm_eps=1e-5,
+        max_positions=50, norm_order="pre", share_embeddings=False, layer_norm_eps=1e-5, init="fan_in",
     )  # fmt: skip
     model = build_model(cfg, 30, pad_id=1)
     assert (model.vocab_size, model.pad_id, model.d_model) == (30, 1, 24)
@@ -317,6 +340,7 @@ def test_build_model_reads_every_model_field() -> None:
     assert (layer.cross_attn.num_heads, layer.cross_attn.d_k, layer.cross_attn.d_v) == (3, 5, 7)
     assert layer.dropouts[0].p == 0.2 and layer.norms[0].eps == 1e-5 and layer.norm_order is NormOrder.PRE
     assert model.src_embed.positions.max_positions == 50
+    assert layer.feed_forward.w_2.weight.abs().max() <= 40**-0.5  # init=fan_in reached the model
     assert model.src_embed.token.weight is not model.output_proj.weight
     assert "d_model=24" in repr(model) and "norm_order=pre" in repr(model)
     with pytest.raises(ValueError, match="pad_id"):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer_lit.attention import AttentionImpl, KVCache, MultiHeadCrossAttention, MultiHeadSelfAttention
-from transformer_lit.layers import DecoderLayer, EncoderLayer, NormOrder
+from transformer_lit.layers import DecoderLayer, EncoderLayer, FeedForward, NormOrder
 from transformer_lit.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 if TYPE_CHECKING:
@@ -154,6 +154,7 @@ class Transformer(nn.Module):
         norm_order: ``"post"`` (the paper) or ``"pre"``.
         share_embeddings: One matrix for source/target embeddings and output projection; else three.
         layer_norm_eps: LayerNorm epsilon.
+        init: ``"xavier"`` (every projection) or ``"fan_in"`` (residual-branch outputs: see ModelConfig).
     """
 
     def __init__(
@@ -173,12 +174,15 @@ class Transformer(nn.Module):
         norm_order: NormOrder | str = NormOrder.POST,
         share_embeddings: bool = True,
         layer_norm_eps: float = 1e-6,
+        init: str = "xavier",
     ):
         super().__init__()
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id must be in [0, vocab_size={vocab_size}), got {pad_id!r}")
         if positional not in ("sinusoidal", "learned"):
             raise ValueError(f"positional must be one of sinusoidal, learned, got {positional!r}")
+        if init not in ("xavier", "fan_in"):
+            raise ValueError(f"init must be one of xavier, fan_in, got {init!r}")
         self.vocab_size, self.pad_id, self.d_model = vocab_size, pad_id, d_model
         self.num_layers, self.positional, self.share_embeddings = num_layers, positional, share_embeddings
         self.norm_order = NormOrder(norm_order)
@@ -200,6 +204,8 @@ class Transformer(nn.Module):
         self.decoder = Decoder(**stack_kw)
         self.output_proj = nn.Linear(d_model, vocab_size, bias=False)
         self.reset_embeddings()
+        if init == "fan_in":
+            self.reset_branch_outputs()
         if share_embeddings:
             self.output_proj.weight = src_token.weight  # one Parameter, three uses (Section 3.4)
 
@@ -211,6 +217,23 @@ class Transformer(nn.Module):
                 emb.weight[self.pad_id].zero_()
         if not self.share_embeddings:
             nn.init.normal_(self.output_proj.weight, mean=0.0, std=self.d_model**-0.5)
+
+    def reset_branch_outputs(self) -> None:
+        """U(+-1/sqrt(fan_in)) on the projections that end a residual branch: W_O, W_1, W_2.
+
+        Smaller branch outputs leave the residual path dominant at the start, which is what lets a
+        post-LN stack of 6 narrow layers train at all in a short budget. Biases stay zero.
+        """
+        for module in self.modules():
+            if isinstance(module, FeedForward):
+                linears = (module.w_1, module.w_2)
+            elif isinstance(module, (MultiHeadSelfAttention, MultiHeadCrossAttention)):
+                linears = (module.w_o,)
+            else:
+                continue
+            for lin in linears:
+                bound = lin.in_features**-0.5
+                nn.init.uniform_(lin.weight, -bound, bound)
 
     # ------------------------------------------------------------------------------------------------------
     # Training and full recompute
@@ -280,4 +303,5 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int = 0) -> Transform
         norm_order=cfg.norm_order,
         share_embeddings=cfg.share_embeddings,
         layer_norm_eps=cfg.layer_norm_eps,
+        init=cfg.init,
     )
