@@ -206,6 +206,25 @@ def test_synthetic_corpus_key_covers_seed_and_sizes() -> None:
     assert len(keys) == 3 and all(re.fullmatch(r"synthetic-[0-9a-f]{16}", k) for k in keys)
 
 
+def test_synthetic_corpus_is_cached_on_disk_and_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: corpora.Corpus
+) -> None:
+    cfg = DataConfig(synthetic_pairs=3000, synthetic_eval_pairs=200, cache_dir=str(tmp_path))
+    first = load_corpus(cfg)
+    cached = tmp_path / "corpora" / f"{corpus_key(cfg)}.json"
+    assert cached.is_file() and not list(cached.parent.glob("*.tmp"))
+    corpora._synthetic_splits.cache_clear()  # a new process: only the file is left
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached corpus should have been read, not generated again")
+
+    monkeypatch.setattr(S, "generate", no_generation)
+    again = load_corpus(cfg)
+    assert (again.train, again.dev, again.test) == (first.train, first.dev, first.test)
+    assert (again.train, again.dev, again.test) == (small.train, small.dev, small.test)
+    assert all(type(pair) is tuple for pair in again.train[:5])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Text files and WMT SGML
 
