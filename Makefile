@@ -33,6 +33,7 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python bench/train_throughput.py --quick
 	$(BIN)/python bench/decode_speed.py --quick
 	$(BIN)/python bench/batching.py --quick

@@ -39,6 +39,7 @@ projection): larger for small models, where that overhead dominates, than at pap
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -185,6 +186,8 @@ def main() -> None:
         help="sentences for the no-cache run (default 4 quick, 8 full)",
     )
     args = parser.parse_args()
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("decode_speed.py compares with HF transformers: install the bench extra (make bench)")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (16 if args.quick else 32)

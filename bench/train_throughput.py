@@ -25,6 +25,7 @@ on a GPU the bf16 model-FLOPs utilisation of the base model (``*_mfu_bf16``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default by size)")
     parser.add_argument("--batch", type=int, default=None, help="sentences per batch (default by size)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("train_throughput.py compares with HF transformers: install the bench extra (make bench)")
 
     warnings.filterwarnings("ignore")
     if args.threads is None:

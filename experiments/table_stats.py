@@ -82,7 +82,7 @@ def device_count(summary: dict[str, Any], config: dict[str, Any]) -> int:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rho: Pearson's correlation of the ranks (ties share their mean rank); NaN pairs dropped.
 
-    Written out because pandas' ``corr(method="spearman")`` needs scipy, which only the dev extra installs.
+    Written out because pandas' ``corr(method="spearman")`` needs scipy, which we do not install.
     NaN for fewer than three pairs or a constant side.
     """
     pairs = pd.DataFrame({"x": list(x), "y": list(y)}, dtype=float).dropna()
