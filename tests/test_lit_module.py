@@ -63,6 +63,7 @@ def test_optimizer_and_schedule_follow_the_paper():
     assert isinstance(opt, torch.optim.Adam)
     group = opt.param_groups[0]
     assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9
+    assert group["fused"]  # one kernel for all parameters on CPU and CUDA
     assert conf["lr_scheduler"]["interval"] == "step"
     seen = []
     for _ in range(30):

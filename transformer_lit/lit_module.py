@@ -117,7 +117,12 @@ class TransformerLitModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o, d_model = self.cfg.optim, self.cfg.model.d_model
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=1.0, betas=(o.beta1, o.beta2), eps=o.eps)
+        # fused: one kernel over all parameters instead of ~10 per tensor (tiny base on one CPU thread: 1.0 ms
+        # per step instead of 5.3, ~5% of a training step); the same update up to float rounding.
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
+        optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=1.0, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
+        )
         # LambdaLR multiplies lr=1.0 by the schedule; its counter starts at 0 for the first optimizer step.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
