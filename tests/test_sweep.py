@@ -142,7 +142,8 @@ def test_params_are_given_at_paper_size_and_scaled_like_grid_rows():
     spec = SF.load_sweep("heads_dk")
     assert spec.to_paper("model.d_k", 3) == 24 and spec.to_paper("model.dropout", 0.2) == 0.2
     assert spec.base_config().model.d_model == 64  # tiny base, as in the grid
-    assert spec.base_config().train.max_steps == 600  # fixed values are literal
+    assert spec.base_config().train.max_steps == 700  # the scale's steps, as the grid's base row
+    assert spec.base_config().eval.max_sentences == 100  # fixed values are literal
 
 
 def test_fixed_compute_derives_d_k_and_d_v_from_h():
