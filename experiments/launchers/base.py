@@ -40,9 +40,9 @@ USER_ERROR_EXIT = 2
 # Cost model, deliberately rough: seconds ~ OVERHEAD + params x tokens x steps x SECONDS_PER_PARAM_TOKEN.
 # The constant is calibrated on 2 shared CPU cores, one thread per run (tiny scale); on GPUs it is divided by
 # GPU_SPEEDUP. It only orders jobs (longest first) and seeds the ETA, which then follows observed speed.
-RUN_OVERHEAD_S = 20.0
+RUN_OVERHEAD_S = 8.0
 """Per run: interpreter + torch/Lightning import, tokenizer, data, final dev BLEU by beam search."""
-SECONDS_PER_PARAM_TOKEN = 3.0e-10
+SECONDS_PER_PARAM_TOKEN = 2.0e-10  # tiny Table 3, 2026-11-21: 1.3e-10 (d_model 128) to 3.9e-10 (h=32)
 GPU_SPEEDUP = 50.0
 
 
