@@ -10,7 +10,7 @@ Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 2
    trial (a worker's imports, ~4 s, and the last trial of one worker while the other has none left).
    A second pass with the test-only stand-in trial (a sleep, no CPU) shows what the workers' scheduling
    gives when the cores are not the limit (other jobs on the machine do not change it).
-2. Pruning: ``--pruning-trials`` trials with the median pruner (dev PPL every 10 steps) against the same
+2. Pruning: ``--pruning-trials`` trials with the median pruner (dev PPL ten times a trial) against the same
    sweep without it, both on 2 workers with the same seeded random sampler (each worker draws from its own
    seeded sequence, so the two sweeps sample nearly the same points).
    Training steps are summed over the run folders (``summary.json`` or ``pruned.json``). Target: >= 30%
@@ -48,8 +48,11 @@ PARAMS = {  # knobs that change the result, not the cost: workers finish their s
     "optim.lr_factor": {"low": 0.25, "high": 4.0, "log": True},
 }
 
+
 def write_sweep(folder: Path, name: str, trials: int, steps: int, pruner: str, cache: Path) -> Path:
-    fixed = {**MICRO, "train.max_steps": steps, "train.val_every_n_steps": 10, "data.cache_dir": str(cache)}
+    every = max(1, steps // 10)  # ten validations per trial: what the pruner sees
+    fixed = {**MICRO, "train.max_steps": steps, "train.val_every_n_steps": every}
+    fixed |= {"train.checkpoint_every_n_steps": steps, "data.cache_dir": str(cache)}
     doc = {
         "study": name,
         "scale": "tiny",
@@ -59,10 +62,10 @@ def write_sweep(folder: Path, name: str, trials: int, steps: int, pruner: str, c
         "trials": trials,
         "constraint": "fixed_compute",
         "params": PARAMS,
-        "fixed": {**fixed, "train.checkpoint_every_n_steps": steps},
+        "fixed": fixed,
     }
     if pruner == "median":
-        doc["pruner_options"] = {"n_startup_trials": 4, "n_warmup_steps": 10}
+        doc["pruner_options"] = {"n_startup_trials": 4, "n_warmup_steps": every}
     path = folder / f"{name}.yaml"
     path.write_text(f"# tlit sweep {path}\n" + yaml.safe_dump(doc, sort_keys=False))
     return path

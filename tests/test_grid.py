@@ -62,7 +62,7 @@ def test_tiny_scale_divides_dims_and_keeps_meaning():
     b1 = grid.config("B1", "tiny")
     assert (b1.model.d_k, b1.model.d_v, b1.model.num_heads) == (2, 8, 8)
     big = grid.config("big", "tiny")
-    assert big.train.max_steps == 3 * base.train.max_steps == 3000
+    assert big.train.max_steps == 3 * base.train.max_steps == 2100
     assert big.model.num_heads == 16 and big.model.d_model == 128
     assert base.data.corpus == "synthetic"
 
