@@ -1,6 +1,6 @@
 """Sweep workers and pruning: wall time of 1 vs 2 workers, and training steps saved by the pruner.
 
-Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 20] [--steps 60] [--out DIR]``
+Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 20] [--steps 800] [--out DIR]``
 
 1. Scaling: the same micro sweep (``--trials`` real trials: d_model 32, ``--steps`` optimizer steps, random
    sampler, no pruning) with ``tlit sweep --workers 1 --devices cpu:1`` and then ``--workers 2 --devices
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=12, help="trials of the scaling sweep")
     parser.add_argument("--pruning-trials", type=int, default=20, help="trials of the pruning sweeps")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per trial")
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per trial (~8 s each)")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument(
