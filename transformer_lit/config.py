@@ -65,7 +65,7 @@ class ModelConfig:
     """Weights of the projections (the paper does not say). xavier: Xavier uniform on every projection
     (tensor2tensor). fan_in: the projections that end a residual branch (every attention's W_O, the
     feed-forward's W_1 and W_2) get U(+-1/sqrt(fan_in)), PyTorch's and fairseq's feed-forward default,
-    about half Xavier's scale on W_O and W_2; a shallow-width post-LN stack trains far faster with it."""
+    about half Xavier's scale on W_O and W_2; a narrow post-LN stack trains far faster with it."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "d_model", "d_ff", "num_heads", "d_k", "d_v", "max_positions"):
