@@ -47,17 +47,23 @@ log = logging.getLogger(__name__)
 
 
 def greedy_boundaries(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[int]:
-    """Start offsets of batches cut greedily along a sequence of lengths (plus the end offset)."""
+    """Start offsets of batches cut greedily along a sequence of lengths (plus the end offset).
+
+    A batch takes the next pair while (pairs + 1) * (longest side so far) stays within ``max_tokens``.
+    That cost never decreases as a batch grows, so each cut is found with numpy on a window no longer than
+    the batch can be (``max_tokens // first length + 1``): one Python step per batch, not per pair.
+    """
+    longer = np.maximum(np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64))
+    n = len(longer)
     starts = [0]
-    max_s = max_t = 0
-    size = 0
-    for i, (s, t) in enumerate(zip(src_lens.tolist(), tgt_lens.tolist(), strict=True)):
-        new_s, new_t = max(max_s, s), max(max_t, t)
-        if size and (size + 1) * max(new_s, new_t) > max_tokens:
-            starts.append(i)
-            size, new_s, new_t = 0, s, t
-        max_s, max_t, size = new_s, new_t, size + 1
-    starts.append(len(src_lens))
+    i = 0
+    while i < n:
+        width = min(n - i, max_tokens // max(int(longer[i]), 1) + 1)
+        cost = np.maximum.accumulate(longer[i : i + width]) * np.arange(1, width + 1)  # (width,)
+        i += max(1, int(np.searchsorted(cost, max_tokens, side="right")))
+        starts.append(i)
+    if n == 0:
+        starts.append(0)
     return starts
 
 
@@ -113,12 +119,23 @@ def _best_greedy(
     for order in (np.lexsort((t, s)), np.lexsort((s, t)), np.lexsort((t, s - t, np.maximum(s, t)))):
         p = pos[order]
         bounds = greedy_boundaries(src_lens[p], tgt_lens[p], max_tokens)
-        batches = [p[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        padded = sum(len(b) * int(src_lens[b].max() + tgt_lens[b].max()) for b in batches)
-        if best is None or (len(batches), padded) < best[:2]:
-            best = (len(batches), padded, batches)
+        cuts = np.asarray(bounds[:-1])
+        sizes = np.diff(bounds)
+        longest = np.maximum.reduceat(src_lens[p], cuts) + np.maximum.reduceat(tgt_lens[p], cuts)
+        padded = int((sizes * longest).sum())
+        if best is None or (len(cuts), padded) < best[:2]:
+            best = (len(cuts), padded, np.split(p, cuts[1:]))
     assert best is not None
     return best[2]
+
+
+def plan_for(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """The batch plan of ``TokenBucketBatchSampler`` (positions into the canonical length order), which a
+    caller may compute once and hand to every sampler of the same data (it depends on no rank or seed)."""
+    src_lens = np.asarray(src_lens, dtype=np.int64)
+    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+    canonical = np.lexsort((np.arange(len(src_lens)), tgt_lens, src_lens))
+    return plan_batches(src_lens[canonical], tgt_lens[canonical], max_tokens)
 
 
 def balance_batches(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
@@ -143,6 +160,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         shuffle: new batch members and order each epoch; otherwise batches in length order.
         seed: the run's seed; an epoch's order is a function of (seed, epoch).
         rank, world_size: this process's shard.
+        plan: ``plan_for(src_lens, tgt_lens, max_tokens)`` if already computed.
     """
 
     def __init__(
@@ -155,6 +173,7 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        plan: list[np.ndarray] | None = None,
     ) -> None:
         self.src_lens = np.asarray(src_lens, dtype=np.int64)
         self.tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
@@ -179,10 +198,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
 
         # Batches are planned once on the length-sorted order; an epoch only permutes pairs of identical
         # (source, target) lengths, so every position keeps its lengths and every batch stays valid.
-        n = len(self.src_lens)
         self._keys = (self.tgt_lens, self.src_lens)  # lexsort: last key is primary
-        canonical = np.lexsort((np.arange(n), *self._keys))
-        batches = plan_batches(self.src_lens[canonical], self.tgt_lens[canonical], max_tokens)
+        batches = plan_for(self.src_lens, self.tgt_lens, max_tokens) if plan is None else plan
         self._plan = balance_batches(batches, world_size)  # positions into the epoch's sorted order
         self._num_local = -(-len(self._plan) // world_size)  # ceil: repeats fill the rest if unbalanced
         if len(self._plan) % world_size:
@@ -299,6 +316,8 @@ class EncodedPairs(Dataset):
         tgt_offsets: np.ndarray,
         index: np.ndarray | None = None,
         *,
+        src_counts: np.ndarray | None = None,
+        tgt_counts: np.ndarray | None = None,
         pad_id: int = 0,
         bos_id: int = 2,
         eos_id: int = 3,
@@ -307,17 +326,20 @@ class EncodedPairs(Dataset):
         self.tgt_ids, self.tgt_offsets = np.asarray(tgt_ids), np.asarray(tgt_offsets, dtype=np.int64)
         n = len(self.src_offsets) - 1
         self.index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+        self._counts = (src_counts, tgt_counts)  # ids per pair, when stored (prepared data): no diff needed
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     @property
     def src_lens(self) -> np.ndarray:
         """Source lengths as fed to the model: ids + EOS."""
-        return np.diff(self.src_offsets) + 1
+        counts = self._counts[0]
+        return (np.diff(self.src_offsets) if counts is None else counts.astype(np.int64)) + 1
 
     @property
     def tgt_lens(self) -> np.ndarray:
         """Decoder lengths: BOS + ids (= ids + EOS)."""
-        return np.diff(self.tgt_offsets) + 1
+        counts = self._counts[1]
+        return (np.diff(self.tgt_offsets) if counts is None else counts.astype(np.int64)) + 1
 
     def __len__(self) -> int:
         return len(self.index)

@@ -98,6 +98,10 @@ class DataConfig:
     max_len: int = 256
     """Training pairs longer than this on either side (subwords plus EOS/BOS, as fed to the model) are
     dropped (and counted); dev and test pairs are never dropped."""
+    clean_ratio: float | None = None
+    """Also drop training pairs whose subword counts differ by more than this factor; 1.5 is the ratio
+    filter of fairseq's prepare-wmt14en2de.sh (clean-corpus-n.perl, whose 250-token limit is max_len here).
+    null: keep them, as the paper states no filter."""
     synthetic_pairs: int = 30000
     """Training pairs of the synthetic corpus."""
     synthetic_eval_pairs: int = 500
@@ -121,6 +125,8 @@ class DataConfig:
         for name in names:
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"data.{name}", value, "a positive integer")
+        if self.clean_ratio is not None:
+            _require(self.clean_ratio >= 1.0, "data.clean_ratio", self.clean_ratio, ">= 1 or null")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "a non-negative integer")
         _require(self.vocab_size >= 16, "data.vocab_size", self.vocab_size, ">= 16")
         _require(

@@ -79,6 +79,11 @@ class Tokenizer:
             raise ValueError(f"{source}: special ids (pad, unk, bos, eos) must be {want}, got {got}")
         self.vocab_size: int = self._sp.get_piece_size()
 
+    @property
+    def proto(self) -> bytes:
+        """The serialized model (the bytes of ``tokenizer.model``)."""
+        return self._proto
+
     # -- encoding ----------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Subword ids of one sentence, without BOS or EOS."""
@@ -222,6 +227,11 @@ def content_key(pairs: Sequence[tuple[str, str]]) -> str:
     return f"content-{h.hexdigest()[:24]}"
 
 
+def cache_path(cfg: DataConfig, key: str) -> Path:
+    """Where the vocabulary of the corpus ``key`` and ``cfg.vocab_size`` is cached (it may not exist yet)."""
+    return Path(cfg.cache_dir) / "tokenizers" / cache_key(key, cfg.vocab_size) / MODEL_FILE
+
+
 def load_or_train_tokenizer(cfg: DataConfig, corpus: Corpus, *, key: str | None = None) -> Tokenizer:
     """The cached vocabulary for this corpus and ``cfg.vocab_size``; trained (and cached) if missing.
 
@@ -234,7 +244,7 @@ def load_or_train_tokenizer(cfg: DataConfig, corpus: Corpus, *, key: str | None 
         from transformer_lit.corpora import corpus_key
 
         key = corpus_key(cfg)
-    path = Path(cfg.cache_dir) / "tokenizers" / cache_key(key, cfg.vocab_size) / MODEL_FILE
+    path = cache_path(cfg, key)
     if path.is_file():
         log.info("using cached tokenizer %s", path)
         return Tokenizer.load(path)
