@@ -184,7 +184,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_wmt14(args: argparse.Namespace) -> int:
-    from transformer_lit.corpora import prepare_wmt14
+    from transformer_lit.wmt14 import prepare_wmt14
 
     out = prepare_wmt14(args.out)
     print(f"WMT14 En-De prepared in {out}")

@@ -6,8 +6,7 @@ import gzip
 import logging
 import re
 import shutil
-import tarfile
-import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -383,79 +382,17 @@ def test_sgml_errors(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# WMT14: never downloads implicitly; offline fails fast with a way out
-
-
-def test_wmt14_offline_fails_fast_with_a_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(corpora, "_unreachable", lambda url, timeout: "simulated offline")
-    message = error(lambda: corpora.prepare_wmt14(tmp_path / "wmt14"))
-    assert "WMT14 download is not reachable" in message and "simulated offline" in message
-    assert "data.corpus=text" in message and "data.dev=" in message and not (tmp_path / "wmt14").exists()
-
-
-def test_wmt14_real_connect_failure_is_quick(tmp_path: Path) -> None:
-    # Only failing connects: a closed local port and a reserved documentation address (RFC 5737).
-    for url in ("http://127.0.0.1:9/training-parallel-nc-v9.tgz", "http://192.0.2.1/dev.tgz"):
-        start = time.monotonic()
-        message = error(
-            lambda url=url: corpora.prepare_wmt14(tmp_path, connect_timeout=1.0, urls={"x.tgz": url})
-        )
-        assert time.monotonic() - start < 5.0 and "not reachable" in message and url in message
+# WMT14: never downloads implicitly (downloading and its failures: test_wmt14.py)
 
 
 def test_wmt14_unprepared_folder_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(*args, **kwargs):
         raise AssertionError("load_corpus must not touch the network")
 
-    monkeypatch.setattr(corpora.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     message = error(DataConfig(corpus="wmt14", cache_dir=str(tmp_path)))
     assert f"WMT14 is not prepared in {tmp_path / 'wmt14'}" in message and "tlit data wmt14 --out" in message
     assert "data.corpus=text" in message
-
-
-def fake_wmt14_archives(root: Path) -> dict[str, str]:
-    """Tiny archives with WMT14's member layout, served as file:// URLs."""
-    members = {
-        "training-parallel-europarl-v7.tgz": {
-            "training/europarl-v7.de-en.en": "a\nb\n",
-            "training/europarl-v7.de-en.de": "A\nB\n",
-        },
-        "training-parallel-commoncrawl.tgz": {"commoncrawl.de-en.en": "c", "commoncrawl.de-en.de": "C"},
-        "training-parallel-nc-v9.tgz": {
-            "training/news-commentary-v9.de-en.en": "d\n\n",
-            "training/news-commentary-v9.de-en.de": "D\nE\n",
-        },
-        "dev.tgz": {"dev/newstest2013.en": "dev\n", "dev/newstest2013.de": "Dev\n"},
-        "test-full.tgz": {
-            "test-full/newstest2014-deen-src.en.sgm": (FIXTURES / "news-src.en.sgm").read_text(),
-            "test-full/newstest2014-deen-ref.de.sgm": (FIXTURES / "news-ref.de.sgm").read_text(),
-        },
-    }
-    urls = {}
-    for archive, files in members.items():
-        with tarfile.open(root / archive, "w:gz") as tar:
-            for name, text in files.items():
-                (root / "member").write_text(text, encoding="utf-8")
-                tar.add(root / "member", arcname=name)
-        urls[archive] = (root / archive).as_uri()
-    return urls
-
-
-def test_prepare_wmt14_extracts_the_paper_layout(tmp_path: Path) -> None:
-    (tmp_path / "server").mkdir()
-    urls = fake_wmt14_archives(tmp_path / "server")
-    out = corpora.prepare_wmt14(tmp_path / "wmt14", urls=urls)
-    assert (out / "train.en").read_text() == "a\nb\nc\nd\n\n" and (
-        out / "train.de"
-    ).read_text() == "A\nB\nC\nD\nE\n"
-    corpus = load_corpus(DataConfig(corpus="wmt14", train=(str(out),)))
-    assert corpus.train == [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")]
-    assert corpus.dev == [("dev", "Dev")] and corpus.test[2] == (
-        "The match ended 2-1.",
-        "Das Spiel endete 2:1.",
-    )
-    assert corpora.prepare_wmt14(out, urls={"x": "http://192.0.2.1/never-fetched"}) == out  # prepared: no-op
-    assert corpus_key(DataConfig(corpus="wmt14", train=(str(out),))).startswith("wmt14-")
 
 
 def test_synthetic_max_words_shortens_train_and_keeps_test_longer():

@@ -7,8 +7,9 @@
   SRC/TGT = ``data.src_lang`` / ``data.tgt_lang``. WMT's SGML releases are read too: a prefix ending in
   ``.sgm``, or one whose plain files are absent but ``PREFIX-src.SRC.sgm`` / ``PREFIX-ref.TGT.sgm`` (or
   ``PREFIX.SRC.sgm`` / ``PREFIX.TGT.sgm``) exist; segments are paired by document and segment id.
-* ``wmt14``: the paper's WMT14 En-De, read from the folder ``prepare_wmt14`` (``tlit data wmt14 --out DIR``)
-  wrote: ``data.train[0]`` if given, else ``data.cache_dir/wmt14``. Nothing is ever downloaded implicitly.
+* ``wmt14``: the paper's WMT14 En-De, read from the folder that ``wmt14.prepare_wmt14`` (``tlit data wmt14
+  --out DIR``) wrote: ``data.train[0]`` if given, else ``data.cache_dir/wmt14``. Nothing is ever
+  downloaded implicitly.
 
 Lines are stripped of surrounding whitespace; pairs with an empty side are dropped and counted in the log,
 never misaligned. Bad input raises ``CorpusError`` (a ``ValueError``): one line that names the files.
@@ -24,11 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tarfile
-import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +152,7 @@ def _text_files(cfg: DataConfig) -> dict[str, list[tuple[Path, Path, str]]]:
         if not (folder / WMT14_MARKER).is_file():
             raise CorpusError(
                 f"WMT14 is not prepared in {folder} (no {WMT14_MARKER}); run `tlit data wmt14 --out "
-                f"{folder}` where statmt.org is reachable, or {_USE_TEXT_HINT}"
+                f"{folder}` where statmt.org is reachable, or {USE_TEXT_HINT}"
             )
         if {src, tgt} != {"en", "de"}:
             raise CorpusError(
@@ -167,10 +163,10 @@ def _text_files(cfg: DataConfig) -> dict[str, list[tuple[Path, Path, str]]]:
     else:
         if not cfg.train:
             raise CorpusError(
-                f"data.train must name at least one prefix for data.corpus=text; {_USE_TEXT_HINT}"
+                f"data.train must name at least one prefix for data.corpus=text; {USE_TEXT_HINT}"
             )
         if not cfg.dev:
-            raise CorpusError(f"data.dev must name a dev file prefix for data.corpus=text; {_USE_TEXT_HINT}")
+            raise CorpusError(f"data.dev must name a dev file prefix for data.corpus=text; {USE_TEXT_HINT}")
         prefixes = {"train": list(cfg.train), "dev": [cfg.dev], "test": [cfg.test] if cfg.test else []}
     return {name: [resolve_prefix(p, src, tgt, f"data.{name}") for p in ps] for name, ps in prefixes.items()}
 
@@ -293,124 +289,11 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path, fmt: str = "text")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# WMT14 En-De (the paper's data): downloaded only by prepare_wmt14, never implicitly
+# WMT14 En-De (the paper's data): downloaded only by wmt14.prepare_wmt14, never implicitly
 
 WMT14_MARKER = "PREPARED.json"
-WMT14_URLS = {
-    "training-parallel-europarl-v7.tgz": "http://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz",
-    "training-parallel-commoncrawl.tgz": "http://www.statmt.org/wmt13/training-parallel-commoncrawl.tgz",
-    "training-parallel-nc-v9.tgz": "http://www.statmt.org/wmt14/training-parallel-nc-v9.tgz",
-    "dev.tgz": "http://www.statmt.org/wmt14/dev.tgz",
-    "test-full.tgz": "http://www.statmt.org/wmt14/test-full.tgz",
-}
-_WMT14_TRAIN = (  # (archive, member prefix): PREFIX.en / PREFIX.de inside the archive
-    ("training-parallel-europarl-v7.tgz", "training/europarl-v7.de-en"),
-    ("training-parallel-commoncrawl.tgz", "commoncrawl.de-en"),
-    ("training-parallel-nc-v9.tgz", "training/news-commentary-v9.de-en"),
-)
-_USE_TEXT_HINT = (
+"""Written last into a folder that ``wmt14.prepare_wmt14`` completed."""
+USE_TEXT_HINT = (
     "to use parallel files you already have, set data.corpus=text data.train=[DIR/europarl-v7.de-en,...] "
     "data.dev=DIR/newstest2013 data.test=DIR/newstest2014 (files PREFIX.en and PREFIX.de, .gz or WMT .sgm)"
 )
-
-
-def prepare_wmt14(
-    out_dir: str | Path, *, connect_timeout: float = 5.0, urls: dict[str, str] | None = None
-) -> Path:
-    """Download WMT14 En-De from statmt.org and write ``train``, ``newstest2013`` (dev) and ``newstest2014``
-    (test, from the official SGML) as ``.en`` / ``.de`` files into ``out_dir``, then a marker file.
-
-    Europarl v7 + CommonCrawl + News Commentary v9 are concatenated for training, as in the paper. The
-    server's reachability is checked first with a short timeout, so an offline machine fails in seconds
-    with a ``CorpusError`` that says how to use files already at hand instead.
-    """
-    out = Path(out_dir).expanduser()
-    if (out / WMT14_MARKER).is_file():
-        log.info("WMT14 is already prepared in %s", out)
-        return out
-    urls = urls or WMT14_URLS
-    first = next(iter(urls.values()))
-    problem = _unreachable(first, connect_timeout)
-    if problem:
-        raise CorpusError(f"the WMT14 download is not reachable ({first}: {problem}); {_USE_TEXT_HINT}")
-    downloads = out / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    for name, url in urls.items():
-        _download(url, downloads / name)
-    counts = {}
-    with open(out / "train.en", "wb") as en, open(out / "train.de", "wb") as de:
-        for archive, member in _WMT14_TRAIN:
-            with tarfile.open(downloads / archive) as tar:
-                n_en, n_de = _copy_member(tar, f"{member}.en", en), _copy_member(tar, f"{member}.de", de)
-            if n_en != n_de:
-                counts = f"{member}.en has {n_en} lines but {member}.de has {n_de}"
-                raise CorpusError(f"mismatched line counts in {archive}: {counts}")
-            counts[member] = n_en
-    with tarfile.open(downloads / "dev.tgz") as tar:
-        for lang in ("en", "de"):
-            with open(out / f"newstest2013.{lang}", "wb") as f:
-                _copy_member(tar, f"dev/newstest2013.{lang}", f)
-    with tarfile.open(downloads / "test-full.tgz") as tar:
-        for member in ("newstest2014-deen-src.en.sgm", "newstest2014-deen-ref.de.sgm"):
-            with open(out / member, "wb") as f:
-                _copy_member(tar, f"test-full/{member}", f)
-    pairs = read_parallel(out / "newstest2014-deen-src.en.sgm", out / "newstest2014-deen-ref.de.sgm", "sgml")
-    for side, lang in enumerate(("en", "de")):
-        (out / f"newstest2014.{lang}").write_text("".join(p[side] + "\n" for p in pairs), encoding="utf-8")
-    marker = {"sources": urls, "train_lines": counts, "test_pairs": len(pairs)}
-    (out / WMT14_MARKER).write_text(json.dumps(marker, indent=1))
-    log.info("WMT14 En-De prepared in %s: %d training lines", out, sum(counts.values()))
-    return out
-
-
-def _unreachable(url: str, timeout: float) -> str | None:
-    """Why ``url`` cannot be reached within ``timeout`` seconds (DNS included), or None if it answers."""
-    result: list[str | None] = ["timed out"]
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result[0] = None
-        except urllib.error.HTTPError as err:  # the server answered: reachable
-            result[0] = None if err.code < 500 else f"HTTP {err.code}"
-        except (OSError, ValueError) as err:
-            result[0] = str(getattr(err, "reason", err))
-
-    thread = threading.Thread(target=probe, daemon=True)  # a resolver can ignore socket timeouts
-    thread.start()
-    thread.join(timeout + 1.0)
-    return result[0]
-
-
-def _download(url: str, dest: Path) -> None:
-    if dest.is_file():
-        return
-    log.info("downloading %s", url)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)
-    except OSError as err:
-        raise CorpusError(
-            f"download of {url} failed ({getattr(err, 'reason', err)}); {_USE_TEXT_HINT}"
-        ) from None
-    part.rename(dest)
-
-
-def _copy_member(tar: tarfile.TarFile, name: str, out) -> int:
-    """Append one archive member to ``out``, ending it with a newline; returns its line count."""
-    try:
-        src = tar.extractfile(name)
-    except KeyError:
-        src = None
-    if src is None:
-        raise CorpusError(f"{tar.name} has no file {name}")
-    lines, last = 0, b"\n"
-    while chunk := src.read(1 << 20):
-        lines += chunk.count(b"\n")
-        last = chunk[-1:]
-        out.write(chunk)
-    if last != b"\n":
-        out.write(b"\n")
-        lines += 1
-    return lines
