@@ -63,7 +63,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             if not pairs and files[name]:
                 names = ", ".join(str(p) for f in files[name] for p in f[:2])
                 raise CorpusError(f"empty corpus: the {name} files hold no sentence pairs ({names})")
-        corpus = Corpus(splits["train"], splits["dev"], splits["test"], cfg.corpus)
+        train_files = ", ".join(str(side) for src, tgt, _ in files["train"] for side in (src, tgt))
+        corpus = Corpus(splits["train"], splits["dev"], splits["test"], f"{cfg.corpus} ({train_files})")
     else:
         raise CorpusError(f"data.corpus must be one of {', '.join(CORPORA)}, got {cfg.corpus!r}")
     sizes = len(corpus.train), len(corpus.dev), len(corpus.test)

@@ -169,7 +169,9 @@ def sample_training_text(
     return [s for s, _ in pairs if s] + [t for _, t in pairs if t]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, *, num_threads: int | None = None) -> Tokenizer:
+def train_tokenizer(
+    texts: Sequence[str], vocab_size: int, *, num_threads: int | None = None, source: str = "the corpus"
+) -> Tokenizer:
     """Train a BPE vocabulary on ``texts`` (already sampled; both languages).
 
     A corpus too small for ``vocab_size`` pieces does not fail: sentencepiece stops when no merge is left
@@ -201,10 +203,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, *, num_threads: int |
     tok = Tokenizer(writer.getvalue())
     if tok.vocab_size < vocab_size:
         log.warning(
-            "BPE vocabulary has %d pieces, fewer than data.vocab_size=%d: the training text (%d sentences) "
-            "has no more merges to make",
+            "BPE vocabulary has %d pieces, fewer than data.vocab_size=%d: the training text of %s "
+            "(%d sentences) has no more merges to make",
             tok.vocab_size,
             vocab_size,
+            source,
             len(texts),
         )
     return tok
@@ -250,7 +253,7 @@ def load_or_train_tokenizer(cfg: DataConfig, corpus: Corpus, *, key: str | None 
         return Tokenizer.load(path)
     texts = sample_training_text(corpus.train)
     log.info("training a %d-piece BPE vocabulary on %d sentences -> %s", cfg.vocab_size, len(texts), path)
-    tok = train_tokenizer(texts, cfg.vocab_size)
+    tok = train_tokenizer(texts, cfg.vocab_size, source=corpus.name)
     tok.save(path)
     info = {"corpus_key": key, "vocab_size": tok.vocab_size, **tokenizer_settings(cfg.vocab_size)}
     _atomic_write(path.parent / "info.json", json.dumps(info, indent=1).encode())
