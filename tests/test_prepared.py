@@ -34,7 +34,7 @@ print(ensure_prepared(DataConfig(**json.loads(sys.argv[1])), tokenizer_path=sys.
 
 
 def text_corpus(root: Path, copies: int = 1, pairs: int = 400) -> DataConfig:
-    """The synthetic corpus as text files, the training split repeated ``copies`` times (lines made distinct)."""
+    """The synthetic corpus as text files, its training split repeated ``copies`` times; lines distinct."""
     write_synthetic(root, DataConfig(synthetic_pairs=pairs, synthetic_eval_pairs=20))
     if copies > 1:
         for lang in ("en", "de"):
@@ -195,6 +195,6 @@ def test_bad_corpora_fail_in_one_line_naming_file_and_line(tmp_path: Path) -> No
 def test_too_large_vocabulary_is_one_line_naming_the_files(tmp_path: Path, caplog) -> None:
     cfg = DataConfig(**{**vars(text_corpus(tmp_path)), "vocab_size": 37000})
     folder = ensure_prepared(cfg)
-    warnings = [r.getMessage() for r in caplog.records if "fewer than data.vocab_size=37000" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "data.vocab_size=37000" in r.getMessage()]
     assert len(warnings) == 1 and str(tmp_path / "train.en") in warnings[0]
     assert P.map_prepared(folder).index["vocab_size"] < 37000  # what the corpus supports, used as it is
