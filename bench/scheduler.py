@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments import grid as G  # noqa: E402
-from experiments.gridrun import lpt_makespan  # noqa: E402
+from experiments.grids import grid as G  # noqa: E402
+from experiments.grids.runner import lpt_makespan  # noqa: E402
 from experiments.launchers import base as B  # noqa: E402
 from experiments.launchers import local as L  # noqa: E402
 

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.grid import load_grid  # noqa: E402
-from experiments.tables import SIGNIFICANCE_CACHE  # noqa: E402
+from experiments.grids.grid import load_grid  # noqa: E402
+from experiments.tables.build import SIGNIFICANCE_CACHE  # noqa: E402
 from transformer_lit import config as C  # noqa: E402
 from transformer_lit.params import count_parameters  # noqa: E402
 
@@ -146,12 +146,14 @@ def main() -> None:
 
         cold = min(fresh_process(cmd, cold=True) for _ in range(args.repeat))
         warm = min(fresh_process(cmd) for _ in range(args.repeat))
-        imports = min(fresh_process([sys.executable, "-c", "import experiments.tables"]) for _ in range(2))
+        imports = min(
+            fresh_process([sys.executable, "-c", "import experiments.tables.build"]) for _ in range(2)
+        )
         startup = min(fresh_process([sys.executable, "-c", "pass"]) for _ in range(2))
         import_s = imports[0] - startup[0]
 
         logging.disable(logging.WARNING)
-        from experiments.tables import make_table
+        from experiments.tables.build import make_table
 
         in_process = []
         for _ in range(args.repeat):

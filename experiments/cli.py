@@ -17,9 +17,29 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.locks import LockBusy
+from experiments.runs.locks import LockBusy
 from transformer_lit import config as C
 from transformer_lit.errors import NonFiniteLossError
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """An argparse parser that accepts ``FILE --scale tiny k=v --rows A k=v``: options between positionals.
+
+    Plain argparse stops filling a ``nargs="*"`` positional at the first option, so the overrides after
+    ``--scale tiny`` would be "unrecognized arguments". The parser class of every subcommand, so that
+    ``tlit train --out X model.num_heads=4 --scale tiny train.max_steps=1`` parses like ``tlit grid run``. A
+    parser with subcommands of its own (``grid``, ``data``) parses plainly: argparse cannot intermix those.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if getattr(self, "_intermixing", False) or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLossError, LockBusy)
 
@@ -53,8 +73,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from experiments import grid as G
-    from experiments import run as R
+    from experiments.grids import grid as G
+    from experiments.runs import run as R
 
     grid = G.load_grid(args.grid)
     overrides = dict(C.parse_override(o) for o in args.overrides)
@@ -81,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _run_lock(run_dir: Path):
     """Hold the run folder's lock unless a launcher already holds it for us (or we are a DDP child rank)."""
     from experiments.launchers.base import LOCK_HELD_ENV
-    from experiments.locks import RunLock
+    from experiments.runs.locks import RunLock
 
     if os.environ.get(LOCK_HELD_ENV) or int(os.environ.get("LOCAL_RANK", "0")) > 0:
         yield
@@ -119,7 +139,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from experiments.evaluate import eval_run
+    from experiments.runs.evaluate import eval_run
 
     result = eval_run(
         args.run_dir,
@@ -135,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from experiments.evaluate import translate_lines
+    from experiments.runs.evaluate import translate_lines
 
     lines = [line.rstrip("\n") for line in sys.stdin]
     hyps = translate_lines(
@@ -151,7 +171,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from experiments.evaluate import average_run
+    from experiments.runs.evaluate import average_run
 
     path = average_run(args.run_dir, args.last, args.output)
     print(f"averaged the last {args.last} checkpoints of {args.run_dir} into {path}")
@@ -160,7 +180,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="write the synthetic corpus, or download and prepare WMT14")
-    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    dsub = p.add_subparsers(dest="data_cmd", required=True, parser_class=IntermixedParser)
     s = dsub.add_parser("synth", help="write the built-in synthetic corpus as text files")
     s.add_argument("--out", required=True)
     s.add_argument("--pairs", type=int, default=None, help="training pairs (default: data.synthetic_pairs)")
@@ -207,7 +227,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from experiments.tables import make_table
+    from experiments.tables.build import make_table
 
     result = make_table(
         args.grid,
@@ -225,8 +245,6 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def _add_grid(sub: argparse._SubParsersAction) -> None:
-    from experiments.gridrun import IntermixedParser
-
     p = sub.add_parser("grid", help="run a grid (rows x seeds) on this node or SLURM; its status; its plan")
     gsub = p.add_subparsers(dest="grid_cmd", required=True, parser_class=IntermixedParser)
 
@@ -289,8 +307,8 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
 
 
 def _grid_specs(args: argparse.Namespace, overrides: list[str]) -> tuple:
-    from experiments import grid as G
-    from experiments import gridrun
+    from experiments.grids import grid as G
+    from experiments.grids import runner as gridrun
 
     grid = G.load_grid(args.file)
     specs = gridrun.specs_for(
@@ -300,7 +318,7 @@ def _grid_specs(args: argparse.Namespace, overrides: list[str]) -> tuple:
 
 
 def cmd_grid_run(args: argparse.Namespace) -> int:
-    from experiments import gridrun
+    from experiments.grids import runner as gridrun
     from experiments.launchers.slurm import SlurmOptions
 
     overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
@@ -330,7 +348,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_status(args: argparse.Namespace) -> int:
-    from experiments import gridrun
+    from experiments.grids import runner as gridrun
 
     _, specs = _grid_specs(args, [])
     print(gridrun.format_status([gridrun.run_state(s, args.lock_timeout) for s in specs]))
@@ -338,7 +356,7 @@ def cmd_grid_status(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_plan(args: argparse.Namespace) -> int:
-    from experiments import gridrun
+    from experiments.grids import runner as gridrun
     from experiments.launchers.local import parse_devices
 
     _, specs = _grid_specs(args, args.overrides)
@@ -348,15 +366,12 @@ def cmd_grid_plan(args: argparse.Namespace) -> int:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from experiments.gridrun import IntermixedParser
-
     p = sub.add_parser(
         "sweep",
         help="Optuna sweep over a search space (ablations/sweeps/*.yaml); each trial is a run folder",
         epilog=_sections_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.__class__ = IntermixedParser  # overrides may follow options: FILE --trials 8 k=v
     p.add_argument("file", help="sweep file or name (e.g. ablations/sweeps/heads_dk.yaml or heads_dk)")
     p.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: the file's)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: 1, or 1 per slot)")
@@ -382,34 +397,34 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import os
 
-    from experiments import sweep as SW
-    from experiments import sweep_file as SF
-    from experiments import sweep_storage as SS
+    from experiments.sweeps import file as sweep_file
+    from experiments.sweeps import runner as sweeps
+    from experiments.sweeps import storage as sweep_storage
 
     overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
-    spec = SF.load_sweep(
+    spec = sweep_file.load_sweep(
         args.file,
         scale=args.scale,
         study=args.study,
         trials=args.trials,
         overrides=dict(C.parse_override(o) for o in overrides),
     )
-    storage = args.storage or os.environ.get(SW.STORAGE_ENV)
+    storage = args.storage or os.environ.get(sweeps.STORAGE_ENV)
     if args.worker is not None:
-        url = storage or SS.default_storage(args.sweeps, spec.study)
-        SW.run_worker(spec, SS.parse_storage(url), runs_root=args.runs, worker=args.worker)
+        url = storage or sweep_storage.default_storage(args.sweeps, spec.study)
+        sweeps.run_worker(spec, sweep_storage.parse_storage(url), runs_root=args.runs, worker=args.worker)
         return 0
     if args.report or args.export_best:
-        from experiments import sweep_report as RP
+        from experiments.sweeps import report as sweep_report
 
-        study = RP.load_study(spec, storage, args.sweeps)
+        study = sweep_report.load_study(spec, storage, args.sweeps)
         if args.report:
-            report = RP.make_report(spec, study, args.sweeps)
+            report = sweep_report.make_report(spec, study, args.sweeps)
             print(report.markdown)
             for path in report.files:
                 print(f"wrote {path}", file=sys.stderr)
         if args.export_best:
-            path = RP.export_best(spec, study, args.sweeps)
+            path = sweep_report.export_best(spec, study, args.sweeps)
             print(f"wrote {path}; run it with: tlit grid run {path} --scale {spec.scale} --seeds 3")
         return 0
     workers = args.workers
@@ -417,7 +432,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from experiments.launchers.local import parse_devices
 
         workers = len(parse_devices(args.devices)) if args.devices else 1
-    return SW.run_sweep(
+    return sweeps.run_sweep(
         spec,
         storage,
         workers=workers,
@@ -444,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tlit", description="Re-run, extend and trust Table 3 of 'Attention Is All You Need'."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
     for add in COMMANDS:
         add(sub)
     return parser

@@ -1,4 +1,4 @@
-"""experiments.evaluate: load a run folder, eval a split, translate lines, average checkpoints, bad input."""
+"""experiments.runs.evaluate: load a run folder, eval a split, translate, average checkpoints, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.evaluate import RunFolderError, average_run, eval_run, load_run, translate_lines
+from experiments.runs.evaluate import RunFolderError, average_run, eval_run, load_run, translate_lines
 from transformer_lit import config as C
 from transformer_lit.checkpoints import load_state_dict
 from transformer_lit.model import build_model

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import grid as G
-from experiments.tables import CELLS
+from experiments.grids import grid as G
+from experiments.tables.build import CELLS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "reference" / "table3_paper.csv"

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cli, gridrun, locks
-from experiments import grid as G
+from experiments import cli
+from experiments.grids import grid as G
+from experiments.grids import runner as gridrun
 from experiments.launchers import base as B
 from experiments.launchers import local as L
+from experiments.runs import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import locks
 from experiments.launchers import base as B
 from experiments.launchers import local as L
+from experiments.runs import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 

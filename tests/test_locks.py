@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import locks
+from experiments.runs import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_release_never_removes_someone_elses_lock(tmp_path):
 
 RACE = """
 import sys, time
-from experiments import locks
+from experiments.runs import locks
 t0 = float(sys.argv[2])
 while time.time() < t0:
     pass

@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from experiments import cli
-from experiments import grid as G
-from experiments import sweep as SW
-from experiments import sweep_file as SF
-from experiments import sweep_report as RP
-from experiments import sweep_space as SP
-from experiments import sweep_storage as SS
+from experiments.grids import grid as G
+from experiments.sweeps import file as sweep_file
+from experiments.sweeps import report as sweep_report
+from experiments.sweeps import runner as sweeps
+from experiments.sweeps import space as sweep_space
+from experiments.sweeps import storage as sweep_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "ablations" / "sweeps").glob("*.yaml"))
@@ -73,9 +73,9 @@ def sweep_cli(
     folder: Path, *args: str, standin: float | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop(SW.STANDIN_ENV, None)
+    env.pop(sweeps.STANDIN_ENV, None)
     if standin is not None:
-        env[SW.STANDIN_ENV] = str(standin)
+        env[sweeps.STANDIN_ENV] = str(standin)
     return subprocess.run(
         [sys.executable, "-m", "experiments.cli", "sweep", *args],
         cwd=folder,
@@ -86,8 +86,10 @@ def sweep_cli(
     )
 
 
-def study_of(spec: SP.SweepSpec, url: str) -> optuna.Study:
-    storage = SS.open_storage(SS.parse_storage(url), heartbeat_interval=1, grace_period=3, retries=2)
+def study_of(spec: sweep_space.SweepSpec, url: str) -> optuna.Study:
+    storage = sweep_storage.open_storage(
+        sweep_storage.parse_storage(url), heartbeat_interval=1, grace_period=3, retries=2
+    )
     return optuna.load_study(study_name=spec.study, storage=storage)
 
 
@@ -106,7 +108,7 @@ def assert_no_trial_lost_or_repeated(study: optuna.Study, cwd: Path, wanted: int
         attempts = (folder / "standin.log").read_text().splitlines()
         retried = t.system_attrs.get("failed_trial") is not None
         assert len(attempts) == 1 or retried, (t.number, attempts)
-        marker = "summary.json" if t.state == optuna.trial.TrialState.COMPLETE else SW.PRUNED
+        marker = "summary.json" if t.state == optuna.trial.TrialState.COMPLETE else sweeps.PRUNED
         assert (folder / marker).is_file(), (t.number, marker)
 
 
@@ -118,28 +120,30 @@ def assert_no_trial_lost_or_repeated(study: optuna.Study, cwd: Path, wanted: int
 def test_every_shipped_sweep_loads(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# tlit sweep ablations/sweeps/") and path.name in first, first
-    spec = SF.load_sweep(path)
+    spec = sweep_file.load_sweep(path)
     assert spec.study == path.stem and spec.budget >= 1
     spec.base_config()
-    SP.make_sampler(spec, seed=1)
-    study = optuna.create_study(directions=spec.directions, sampler=SP.make_sampler(spec))
+    sweep_space.make_sampler(spec, seed=1)
+    study = optuna.create_study(directions=spec.directions, sampler=sweep_space.make_sampler(spec))
     trial = study.ask()
     spec.config(spec.trial_values(trial))  # a sampled point is a valid config
 
 
 def test_shipped_sweeps_cover_the_issue():
     assert len(SWEEPS) >= 2
-    heads = SF.load_sweep("heads_dk")
+    heads = sweep_file.load_sweep("heads_dk")
     assert heads.params["model.num_heads"].choices == (1, 2, 4, 8, 16)
     assert {"model.dropout", "optim.label_smoothing", "model.positional"} <= set(heads.params)
-    assert SF.load_sweep("heads_fixed_compute").constraint == "fixed_compute"
-    assert SF.load_sweep("regularisation").directions == ["minimize", "maximize"]
+    assert sweep_file.load_sweep("heads_fixed_compute").constraint == "fixed_compute"
+    assert sweep_file.load_sweep("regularisation").directions == ["minimize", "maximize"]
 
 
 def test_params_are_given_at_paper_size_and_scaled_like_grid_rows():
-    d_k = {s: SF.load_sweep("heads_dk", scale=s).params["model.d_k"] for s in ("paper", "small", "tiny")}
+    d_k = {
+        s: sweep_file.load_sweep("heads_dk", scale=s).params["model.d_k"] for s in ("paper", "small", "tiny")
+    }
     assert [(p.low, p.high, p.log) for p in d_k.values()] == [(8, 128, True), (4, 64, True), (1, 16, True)]
-    spec = SF.load_sweep("heads_dk")
+    spec = sweep_file.load_sweep("heads_dk")
     assert spec.to_paper("model.d_k", 3) == 24 and spec.to_paper("model.dropout", 0.2) == 0.2
     assert spec.base_config().model.d_model == 64  # tiny base, as in the grid
     assert spec.base_config().train.max_steps == 700  # the scale's steps, as the grid's base row
@@ -147,7 +151,7 @@ def test_params_are_given_at_paper_size_and_scaled_like_grid_rows():
 
 
 def test_fixed_compute_derives_d_k_and_d_v_from_h():
-    spec = SF.load_sweep("heads_fixed_compute")
+    spec = sweep_file.load_sweep("heads_fixed_compute")
     assert spec.budget == 12  # grid sampler: 6 h x 2 positional, capped
     values = {"model.num_heads": 16, "model.positional": "learned"}
     cfg = spec.config({**values, **spec.derived(values, spec.base_config())})
@@ -185,8 +189,8 @@ BAD = [
 @pytest.mark.parametrize("change,message", BAD, ids=[m.split(";")[0][:40] for _, m in BAD])
 def test_bad_sweep_files_fail_in_one_line_naming_the_file(tmp_path: Path, change: dict, message: str):
     path = write_sweep(tmp_path, **change)
-    with pytest.raises(SP.SweepError) as err:
-        SF.load_sweep(path)
+    with pytest.raises(sweep_space.SweepError) as err:
+        sweep_file.load_sweep(path)
     text = str(err.value)
     assert message in text and str(path) in text and "\n" not in text, text
 
@@ -214,25 +218,25 @@ def test_cli_prints_bad_input_in_one_line_before_any_trial(tmp_path: Path, capsy
 
 def test_study_reaches_its_count_and_a_rerun_continues_it(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(SW.STANDIN_ENV, "0.01")
+    monkeypatch.setenv(sweeps.STANDIN_ENV, "0.01")
     path = write_sweep(tmp_path)
-    assert SW.run_sweep(SF.load_sweep(path, trials=4), None) == 0
-    spec = SF.load_sweep(path, trials=7)
-    assert SW.run_sweep(spec, None) == 0  # same command, more trials: continues the study
-    url = SS.default_storage("results/sweeps", spec.study)
+    assert sweeps.run_sweep(sweep_file.load_sweep(path, trials=4), None) == 0
+    spec = sweep_file.load_sweep(path, trials=7)
+    assert sweeps.run_sweep(spec, None) == 0  # same command, more trials: continues the study
+    url = sweep_storage.default_storage("results/sweeps", spec.study)
     study = study_of(spec, url)
     assert [t.number for t in study.trials] == list(range(7))
     assert_no_trial_lost_or_repeated(study, tmp_path, 7)
     folder = tmp_path / "results/runs/micro/tiny/trial0003/seed0"
     assert (folder / "config.yaml").is_file()
-    assert SW.run_sweep(spec, None) == 0 and len(study_of(spec, url).trials) == 7  # nothing left to do
-    with pytest.raises(SP.SweepError, match="different scale"):
-        SW.run_sweep(SF.load_sweep(path, scale="small"), None)  # same study name, another space
+    assert sweeps.run_sweep(spec, None) == 0 and len(study_of(spec, url).trials) == 7  # nothing left to do
+    with pytest.raises(sweep_space.SweepError, match="different scale"):
+        sweeps.run_sweep(sweep_file.load_sweep(path, scale="small"), None)  # same study name, another space
 
 
 def test_grid_sampler_visits_each_point_once(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(SW.STANDIN_ENV, "0.01")
+    monkeypatch.setenv(sweeps.STANDIN_ENV, "0.01")
     params = {
         "model.num_heads": {"choices": [1, 2, 4]},
         "model.positional": {"choices": ["sinusoidal", "learned"]},
@@ -247,10 +251,10 @@ def test_grid_sampler_visits_each_point_once(tmp_path: Path, monkeypatch):
         params=params,
         trials=50,
     )
-    spec = SF.load_sweep(path)
+    spec = sweep_file.load_sweep(path)
     assert spec.budget == 6
-    assert SW.run_sweep(spec, None) == 0
-    study = study_of(spec, SS.default_storage("results/sweeps", spec.study))
+    assert sweeps.run_sweep(spec, None) == 0
+    study = study_of(spec, sweep_storage.default_storage("results/sweeps", spec.study))
     points = sorted((t.params["model.num_heads"], t.params["model.positional"]) for t in study.trials)
     assert points == sorted((h, p) for h in (1, 2, 4) for p in ("sinusoidal", "learned"))
 
@@ -264,8 +268,8 @@ def test_two_worker_processes_share_a_journal_study(tmp_path: Path):
     done = sweep_cli(tmp_path, str(path), "--workers", "2", "--devices", "cpu:2", standin=0.2)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12/12 finished" in done.stdout
-    spec = SF.load_sweep(path)
-    study = study_of(spec, str(tmp_path / SS.default_storage("results/sweeps", spec.study)))
+    spec = sweep_file.load_sweep(path)
+    study = study_of(spec, str(tmp_path / sweep_storage.default_storage("results/sweeps", spec.study)))
     assert_no_trial_lost_or_repeated(study, tmp_path, 12)
     pids = {
         line.split()[1]
@@ -286,22 +290,24 @@ def test_workers_starting_together_share_a_fresh_sqlite_study(tmp_path: Path):
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err
-    assert_no_trial_lost_or_repeated(study_of(SF.load_sweep(path), url), tmp_path, 6)
+    assert_no_trial_lost_or_repeated(study_of(sweep_file.load_sweep(path), url), tmp_path, 6)
 
 
 def test_exported_fixed_compute_row_is_at_paper_size():
-    spec = SF.load_sweep("heads_fixed_compute")
+    spec = sweep_file.load_sweep("heads_fixed_compute")
     trial = optuna.trial.create_trial(
         params={"model.num_heads": 4, "model.positional": "learned"},
         distributions={name: p.distribution() for name, p in spec.params.items()},
         value=5.0,
     )
-    cells = RP.best_cells(spec, trial)  # tiny: h=4 -> d_k = d_v = 64 / 4 = 16, i.e. 128 at the paper's size
+    cells = sweep_report.best_cells(
+        spec, trial
+    )  # tiny: h=4 -> d_k = d_v = 64 / 4 = 16, i.e. 128 at the paper's size
     assert cells == {"model.num_heads": 4, "model.positional": "learned", "model.d_k": 128, "model.d_v": 128}
 
 
 def start_worker(folder: Path, path: Path, index: int, storage: str, standin: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), SW.STANDIN_ENV: str(standin)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), sweeps.STANDIN_ENV: str(standin)}
     argv = [
         sys.executable,
         "-m",
@@ -321,7 +327,7 @@ def start_worker(folder: Path, path: Path, index: int, storage: str, standin: fl
 def kill_a_worker_mid_trial(folder: Path, path: Path, storage: str, trials: int) -> None:
     """Two workers; SIGKILL the first in the middle of a trial; the other must finish the study, retrying
     the killed trial (same parameters, same run folder) once its heartbeat is stale."""
-    spec = SF.load_sweep(path)
+    spec = sweep_file.load_sweep(path)
     victim = start_worker(folder, path, 0, storage, standin=2.0)
     ledgers = folder / "results" / "runs"
     deadline = time.monotonic() + 60
@@ -336,7 +342,7 @@ def kill_a_worker_mid_trial(folder: Path, path: Path, storage: str, trials: int)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     killed_in = [
-        f.parent for f in running if not any((f.parent / m).exists() for m in ("summary.json", SW.PRUNED))
+        f.parent for f in running if not any((f.parent / m).exists() for m in ("summary.json", sweeps.PRUNED))
     ]
     _, err = survivor.communicate(timeout=120)
     assert survivor.returncode == 0, err
@@ -364,13 +370,13 @@ def test_killed_worker_trial_is_failed_and_retried_journal(tmp_path: Path):
 
 
 def test_pruned_trial_stops_early_and_its_run_folder_says_so(tmp_path: Path):
-    spec = SF.load_sweep(write_sweep(tmp_path))
+    spec = sweep_file.load_sweep(write_sweep(tmp_path))
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0, n_warmup_steps=10))
     trial = study.ask()
-    objective = SW.make_objective(spec, tmp_path / "runs", [f"data.cache_dir={tmp_path / 'cache'}"])
-    assert SW.run_trial(study, trial, objective) == optuna.trial.TrialState.PRUNED
+    objective = sweeps.make_objective(spec, tmp_path / "runs", [f"data.cache_dir={tmp_path / 'cache'}"])
+    assert sweeps.run_trial(study, trial, objective) == optuna.trial.TrialState.PRUNED
     folder = Path(study.trials[0].user_attrs["run_dir"])
-    pruned = json.loads((folder / SW.PRUNED).read_text())
+    pruned = json.loads((folder / sweeps.PRUNED).read_text())
     assert pruned["status"] == "pruned" and pruned["train_steps"] == 10 < pruned["max_steps"] == 20
     assert not (folder / "summary.json").exists()  # summary.json means complete; tables skip this run
     assert sorted(study.trials[0].intermediate_values) == [5, 10]  # optimizer steps, not epochs
@@ -381,19 +387,19 @@ def test_pruned_trial_stops_early_and_its_run_folder_says_so(tmp_path: Path):
 
 def test_real_micro_sweep_then_report_and_export(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(SW.STANDIN_ENV, raising=False)
-    spec = SF.load_sweep(write_sweep(tmp_path, trials=3, pruner="none", pruner_options={}))
-    assert SW.run_sweep(spec, None) == 0
-    study = RP.load_study(spec, None, "results/sweeps")
+    monkeypatch.delenv(sweeps.STANDIN_ENV, raising=False)
+    spec = sweep_file.load_sweep(write_sweep(tmp_path, trials=3, pruner="none", pruner_options={}))
+    assert sweeps.run_sweep(spec, None) == 0
+    study = sweep_report.load_study(spec, None, "results/sweeps")
     for t in study.trials:
         summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["grid"] == "micro" and summary["train_steps"] == 20
         assert summary["ppl_dev"] == pytest.approx(t.value)
-    report = RP.make_report(spec, study, "results/sweeps")
+    report = sweep_report.make_report(spec, study, "results/sweeps")
     assert "## Best trials" in report.markdown
     names = {p.name for p in report.files}
     assert {"report.md", "history.png", "history.html", "parallel.png"} <= names
-    best = RP.export_best(spec, study, "results/sweeps")
+    best = sweep_report.export_best(spec, study, "results/sweeps")
     grid = G.load_grid(best)
     trial = study.best_trial
     assert grid.row("best").cells["model.d_k"] == trial.params["model.d_k"] * 8  # at paper size
@@ -403,7 +409,7 @@ def test_real_micro_sweep_then_report_and_export(tmp_path: Path, monkeypatch):
 
 def test_report_and_export_of_a_two_objective_study(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(SW.STANDIN_ENV, "0.01")
+    monkeypatch.setenv(sweeps.STANDIN_ENV, "0.01")
     params = {"model.dropout": {"low": 0.0, "high": 0.3}, "optim.label_smoothing": {"low": 0.0, "high": 0.2}}
     path = write_sweep(
         tmp_path, objective=["ppl_dev", "bleu_dev"], pruner="none", pruner_options={}, params=params, trials=6
@@ -423,7 +429,7 @@ def test_a_pruned_trial_closes_its_wandb_run_so_the_next_trial_gets_its_own(monk
     it; ``close_wandb`` finishes it with the trial's status."""
     from types import SimpleNamespace
 
-    from experiments.sweep_pruning import close_wandb
+    from experiments.sweeps.pruning import close_wandb
 
     finished = []
     fake = SimpleNamespace(

@@ -14,9 +14,9 @@ import pgserver
 import pytest
 
 from experiments import cli
-from experiments import sweep as SW
-from experiments import sweep_file as SF
-from experiments import sweep_storage as SS
+from experiments.sweeps import file as sweep_file
+from experiments.sweeps import runner as sweeps
+from experiments.sweeps import storage as sweep_storage
 from tests.test_sweep import (
     assert_no_trial_lost_or_repeated,
     kill_a_worker_mid_trial,
@@ -38,12 +38,12 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_storage_url_gets_an_installed_driver_and_connects(postgres_url: str):
-    storage = SS.parse_storage(postgres_url)
+    storage = sweep_storage.parse_storage(postgres_url)
     assert storage.kind == "postgresql" and storage.url.startswith(
         ("postgresql+psycopg2://", "postgresql+psycopg://")
     )
-    SS.check_storage(storage)
-    with SS.budget_lock(storage, "x"):  # an advisory lock: held and released
+    sweep_storage.check_storage(storage)
+    with sweep_storage.budget_lock(storage, "x"):  # an advisory lock: held and released
         pass
 
 
@@ -65,7 +65,7 @@ def test_workers_starting_together_share_a_postgres_study(tmp_path: Path, postgr
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err
-    study = study_of(SF.load_sweep(path), postgres_url)
+    study = study_of(sweep_file.load_sweep(path), postgres_url)
     assert_no_trial_lost_or_repeated(study, tmp_path, 10)
 
 
@@ -77,7 +77,7 @@ def test_cli_workers_on_postgres(tmp_path: Path, postgres_url: str):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8/8 finished" in done.stdout
     assert not (tmp_path / "results" / "sweeps" / "pg_cli" / "journal.log").exists()
-    assert_no_trial_lost_or_repeated(study_of(SF.load_sweep(path), postgres_url), tmp_path, 8)
+    assert_no_trial_lost_or_repeated(study_of(sweep_file.load_sweep(path), postgres_url), tmp_path, 8)
 
 
 def test_killed_worker_trial_is_failed_and_retried_postgres(tmp_path: Path, postgres_url: str):
@@ -87,9 +87,11 @@ def test_killed_worker_trial_is_failed_and_retried_postgres(tmp_path: Path, post
 
 def test_real_micro_sweep_on_postgres(tmp_path: Path, postgres_url: str, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(SW.STANDIN_ENV, raising=False)
-    spec = SF.load_sweep(write_sweep(tmp_path, "pg_micro", trials=3), overrides={"train.max_steps": 15})
-    assert SW.run_sweep(spec, postgres_url) == 0
+    monkeypatch.delenv(sweeps.STANDIN_ENV, raising=False)
+    spec = sweep_file.load_sweep(
+        write_sweep(tmp_path, "pg_micro", trials=3), overrides={"train.max_steps": 15}
+    )
+    assert sweeps.run_sweep(spec, postgres_url) == 0
     study = study_of(spec, postgres_url)
     states = [t.state for t in study.trials]
     assert len(states) == 3 and all(
@@ -100,5 +102,5 @@ def test_real_micro_sweep_on_postgres(tmp_path: Path, postgres_url: str, monkeyp
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert json.loads((folder / "summary.json").read_text())["ppl_dev"] == pytest.approx(t.value)
         else:
-            assert json.loads((folder / SW.PRUNED).read_text())["train_steps"] < 15
+            assert json.loads((folder / sweeps.PRUNED).read_text())["train_steps"] < 15
         assert sorted(t.intermediate_values) == [5, 10, 15][: len(t.intermediate_values)]

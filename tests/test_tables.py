@@ -23,12 +23,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from experiments import table_sources as S
-from experiments import table_stats as T
-from experiments import tables
 from experiments.cli import main
-from experiments.grid import load_grid
-from experiments.locks import RunLock
+from experiments.grids.grid import load_grid
+from experiments.runs.locks import RunLock
+from experiments.tables import build as tables
+from experiments.tables import sources, stats
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "runs"
@@ -45,7 +44,7 @@ def runs(tmp_path: Path) -> Path:
 
 def fixture_table(runs: Path) -> tables.Table:
     grid = load_grid(GRID)
-    return tables.build_table(grid, "tiny", S.collect_folder_runs(grid, "tiny", runs))
+    return tables.build_table(grid, "tiny", sources.collect_folder_runs(grid, "tiny", runs))
 
 
 def line(table: tables.Table, row: str) -> pd.Series:
@@ -114,19 +113,19 @@ def test_agreement_and_spearman_by_hand() -> None:
     frame = pd.DataFrame(
         {"row": rows, "ppl_dev": ours, "paper_ppl": paper, "bleu_dev": math.nan, "paper_bleu": math.nan}
     )
-    frame = T.add_agreement(frame, "base")
+    frame = stats.add_agreement(frame, "base")
     assert list(frame["ppl_same_way"]) == ["", "yes", "", "no", "yes", "", ""]
-    assert "in 2 of 3 rows where the paper's moved by at least 0.05 (not in B1)" in T._agreement_line(
+    assert "in 2 of 3 rows where the paper's moved by at least 0.05 (not in B1)" in stats._agreement_line(
         frame, "dev PPL", "ppl"
     )
     # Spearman over the 6 rows with both: ranks (ties averaged)
     #   ours  D3 1, A3 2.5, B1 2.5, base 4, D2 5, A1 6;  paper  D3 1, A3 2, base 3, D2 4, B1 5, A1 6
     #   deviations from 3.5: ours (.5, 2.5, -1, -1, -2.5, 1.5), paper (-.5, 2.5, -1.5, 1.5, -2.5, .5)
     #   rho = sum(products) / sqrt(sum sq * sum sq) = 13 / sqrt(17 * 17.5) = 0.753703
-    assert T.spearman(ours, paper) == pytest.approx(13 / math.sqrt(17 * 17.5))
+    assert stats.spearman(ours, paper) == pytest.approx(13 / math.sqrt(17 * 17.5))
     # no ties: ranks (2, 3, 1, 4) vs (2, 4, 1, 3), sum d^2 = 2, rho = 1 - 6 * 2 / (4 * 15) = 0.8
-    assert T.spearman([5.0, 6.0, 4.0, 7.0], [4.9, 5.3, 4.8, 5.1]) == pytest.approx(0.8)
-    assert math.isnan(T.spearman([1.0, 2.0], [1.0, 2.0]))
+    assert stats.spearman([5.0, 6.0, 4.0, 7.0], [4.9, 5.3, 4.8, 5.1]) == pytest.approx(0.8)
+    assert math.isnan(stats.spearman([1.0, 2.0], [1.0, 2.0]))
 
 
 def test_summary_lines_of_fixture(runs: Path) -> None:
@@ -142,11 +141,11 @@ def test_training_flops_and_devices_by_hand() -> None:
     cfg = C.flat_dict(C.base())  # the paper's base, V = 37000, one billion target tokens
     # per layer pair: encoder 3,152,384 + decoder 4,204,032 parameters; x6 = 44,138,496
     # forward per token: 2 * 44,138,496 + 2 * 512 * 37000 + 6 * 6 * 32 * 8 * (64 + 64) = 127,344,640
-    assert T.training_flops(cfg, {"vocab_size": 37000}, 1e9) == 3 * 127_344_640 * 1e9
-    assert math.isnan(T.training_flops({**cfg, "model.d_k": "x"}, {}, 1e9))
-    assert T.device_count({"device": "4x NVIDIA H100 80GB HBM3"}, cfg) == 4
-    assert T.device_count({"device": "cpu (1 threads) x2"}, cfg) == 2
-    assert T.device_count({}, {"train.devices": 3}) == 3
+    assert stats.training_flops(cfg, {"vocab_size": 37000}, 1e9) == 3 * 127_344_640 * 1e9
+    assert math.isnan(stats.training_flops({**cfg, "model.d_k": "x"}, {}, 1e9))
+    assert stats.device_count({"device": "4x NVIDIA H100 80GB HBM3"}, cfg) == 4
+    assert stats.device_count({"device": "cpu (1 threads) x2"}, cfg) == 2
+    assert stats.device_count({}, {"train.devices": 3}) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,9 +183,9 @@ def test_states_missing_failed_incomplete(runs: Path) -> None:
     assert len(table.frame) == 21
 
 
-def _record(run_dir: Path, row: str = "base", seed: int = 0) -> S.RunRecord:
+def _record(run_dir: Path, row: str = "base", seed: int = 0) -> sources.RunRecord:
     grid = load_grid(GRID)
-    return S.read_run_folder(run_dir, grid, "tiny", row, seed)
+    return sources.read_run_folder(run_dir, grid, "tiny", row, seed)
 
 
 def test_locks_running_interrupted_and_more_corruptions(tmp_path: Path) -> None:
@@ -228,7 +227,7 @@ def test_curve_keeps_the_last_value_of_a_repeated_step(tmp_path: Path) -> None:
         "epoch,step,train/loss,val/loss,val/ppl\n0,199,2.0,,\n0,199,,1.5,4.5\n0,399,,1.2,3.3\n"
         "0,199,,1.4,4.1\n0,599,,1."
     )
-    curve, problem = S.read_curve(path)
+    curve, problem = sources.read_curve(path)
     assert curve == [(199, 4.1), (399, 3.3)] and "line 6 has 4 fields" in problem
 
 
@@ -248,7 +247,7 @@ def test_paired_bootstrap_many_equals_sacrebleu_pairwise() -> None:
         "far": [" ".join(r.split()[:4]) for r in refs],
         "same": list(base),
     }
-    fast = T.paired_bootstrap_many(base, systems, refs, n=200, seed=7)
+    fast = stats.paired_bootstrap_many(base, systems, refs, n=200, seed=7)
     assert fast == {name: paired_bootstrap(base, hyps, refs, n=200, seed=7) for name, hyps in systems.items()}
     assert fast["same"] == 1.0 and fast["far"] < 0.05
 
@@ -256,14 +255,14 @@ def test_paired_bootstrap_many_equals_sacrebleu_pairwise() -> None:
 def test_p_values_are_cached(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     grid = load_grid(GRID)
     cache = runs / "cache.json"
-    first = tables.build_table(grid, "tiny", S.collect_folder_runs(grid, "tiny", runs), cache=cache)
+    first = tables.build_table(grid, "tiny", sources.collect_folder_runs(grid, "tiny", runs), cache=cache)
     assert cache.is_file() and len(json.loads(cache.read_text())) == 3
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed a cached p-value")
 
-    monkeypatch.setattr(T, "paired_bootstrap_many", boom)
-    again = tables.build_table(grid, "tiny", S.collect_folder_runs(grid, "tiny", runs), cache=cache)
+    monkeypatch.setattr(stats, "paired_bootstrap_many", boom)
+    again = tables.build_table(grid, "tiny", sources.collect_folder_runs(grid, "tiny", runs), cache=cache)
     pd.testing.assert_series_equal(first.frame["p_bleu"], again.frame["p_bleu"])
 
 
@@ -351,7 +350,7 @@ def test_wandb_source_with_mocked_api(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     calls = mock_wandb_api(monkeypatch, runs)
     grid = load_grid(GRID)
-    records = S.collect_wandb_runs(grid, "tiny", "me/tlit")
+    records = sources.collect_wandb_runs(grid, "tiny", "me/tlit")
     assert calls == [("me/tlit", {"group": "table3/tiny"}, False)]  # one query, not one per run
     table = tables.build_table(grid, "tiny", records, significance=False)
     assert line(table, "base")["ppl_dev"] == pytest.approx(3.2) and line(table, "base")["seeds"] == 2
@@ -366,8 +365,8 @@ def test_wandb_source_with_mocked_api(monkeypatch: pytest.MonkeyPatch) -> None:
     assert line(table, "C2")["status"] == "missing"
     base_run = next(r for r in records if r.row == "base" and r.seed == 0)
     assert base_run.curve() == [(199, 9.0)]
-    with pytest.raises(S.TableSourceError, match="--wandb must be ENTITY/PROJECT, got 'nope'"):
-        S.collect_wandb_runs(grid, "tiny", "nope")
+    with pytest.raises(sources.TableSourceError, match="--wandb must be ENTITY/PROJECT, got 'nope'"):
+        sources.collect_wandb_runs(grid, "tiny", "nope")
 
 
 def _read_wandb_file(path: Path) -> list:
@@ -446,7 +445,7 @@ def test_wandb_runs_logged_offline_read_back(tmp_path: Path, monkeypatch: pytest
     assert len(files) == 2, list(tmp_path.rglob("*"))
     mock_wandb_api(monkeypatch, [_run_from_records(_read_wandb_file(f)) for f in files])
     table = tables.build_table(
-        grid, "tiny", S.collect_wandb_runs(grid, "tiny", "me/tlit"), significance=False
+        grid, "tiny", sources.collect_wandb_runs(grid, "tiny", "me/tlit"), significance=False
     )
     assert (
         line(table, "A1")["ppl_dev"] == 3.6 and line(table, "A1")["h"] == 1 and line(table, "A1")["d_k"] == 64
@@ -461,7 +460,7 @@ def test_wandb_runs_logged_offline_read_back(tmp_path: Path, monkeypatch: pytest
 
 def test_tables_import_no_torch(runs: Path, tmp_path: Path) -> None:
     code = (
-        "import sys; import experiments.plots; from experiments.tables import make_table; "
+        "import sys; import experiments.tables.plots; from experiments.tables.build import make_table; "
         f"make_table('table3', scale='tiny', runs_root={str(runs)!r}, out={str(tmp_path)!r}, plots=False); "
         "bad = [m for m in ('torch', 'lightning', 'wandb') if m in sys.modules]; "
         "assert not bad, bad"

@@ -14,8 +14,8 @@ import lightning as L
 import pytest
 import torch
 
-from experiments import run as R
 from experiments.cli import main as tlit
+from experiments.runs import run as R
 from transformer_lit import config as C
 from transformer_lit.errors import NonFiniteLossError
 
@@ -204,7 +204,7 @@ def test_runtime_fields_may_change_on_resume(tmp_path):
 
 
 def test_a_locked_run_is_not_trained_twice(tmp_path, capsys, monkeypatch):
-    from experiments.locks import RunLock
+    from experiments.runs.locks import RunLock
 
     monkeypatch.delenv("TLIT_RUN_LOCK_HELD", raising=False)
     out = tmp_path / "run"

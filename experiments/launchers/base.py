@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments import run as R
-from experiments.grid import RunSpec
+from experiments.grids.grid import RunSpec
+from experiments.runs import run as R
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
 

@@ -12,10 +12,10 @@ with EASY backfilling: when the longest waiting job needs more slots than are fr
 which enough running jobs should have finished, and a shorter job may jump ahead only if it should finish
 before then; so a 2-slot job waits for 2 free slots without being starved by 1-slot jobs.
 
-Each job takes its run folder's lock (``experiments.locks``) before it starts and releases it after; a job
-locked by another live grid is waited for, not run twice. A failed job is retried ``retries`` times, then
-marked failed with the tail of its log, while the rest of the grid goes on. SIGINT/SIGTERM of the grid
-kill every child's process group and return; the interrupted runs resume from their checkpoints next time.
+Each job takes its run folder's lock (``experiments.runs.locks``) before it starts and releases it after; a
+job locked by another live grid is waited for, not run twice. A failed job is retried ``retries`` times, then
+marked failed with the tail of its log, while the rest of the grid goes on. SIGINT/SIGTERM of the grid kill
+every child's process group and return; the interrupted runs resume from their checkpoints next time.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from experiments import locks
-from experiments import run as R
 from experiments.launchers import base as B
+from experiments.runs import locks
+from experiments.runs import run as R
 
 log = logging.getLogger(__name__)
 

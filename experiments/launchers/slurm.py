@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments import locks
-from experiments import run as R
 from experiments.launchers import base as B
+from experiments.runs import locks
+from experiments.runs import run as R
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from experiments.tables import Table
+    from experiments.tables.build import Table
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def _scaled_values(cfg: C.RunConfig, scale: Scale, where: str) -> dict[str, Any]
 
 def grids_dir() -> Path:
     """The repository's ``ablations/`` folder (the project is installed editable), else ``./ablations``."""
-    here = Path(__file__).resolve().parents[1] / "ablations"
+    here = Path(__file__).resolve().parents[2] / "ablations"
     return here if here.is_dir() else Path.cwd() / "ablations"
 
 

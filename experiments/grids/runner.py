@@ -10,7 +10,6 @@ Planning and status import no torch; only the training children do.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import time
@@ -19,29 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from experiments import grid as G
-from experiments import locks
-from experiments import run as R
+from experiments.grids import grid as G
 from experiments.launchers import base as B
+from experiments.runs import locks
+from experiments.runs import run as R
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
-
-
-class IntermixedParser(argparse.ArgumentParser):
-    """An argparse parser that accepts ``FILE --scale tiny k=v --rows A k=v``: options between positionals.
-
-    Plain argparse stops filling a ``nargs="*"`` positional at the first option, so the overrides after
-    ``--scale tiny`` would be "unrecognized arguments". Used as the parser class of the ``grid`` subcommands.
-    """
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if getattr(self, "_intermixing", False):
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
 
 
 def make_launcher(

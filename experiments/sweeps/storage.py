@@ -38,7 +38,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from experiments.sweep_space import SweepError
+from experiments.sweeps.space import SweepError
 
 log = logging.getLogger(__name__)
 

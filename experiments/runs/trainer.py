@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from experiments import run as R
+from experiments.runs import run as R
 from transformer_lit import config as C
 from transformer_lit.data import TranslationDataModule
 from transformer_lit.lit_module import TransformerLitModule

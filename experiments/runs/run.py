@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 FAILED = "failed.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where and how a run executes, not what it computes: a run may resume with other values of these.
 RUNTIME_FIELDS = frozenset(
     {
@@ -163,7 +163,7 @@ def train(
         log.info("%s is already complete; nothing to do", run_dir)
         return done
     check_or_write_config(run_dir, cfg)
-    from experiments.trainer import fit_and_evaluate  # torch and Lightning only once there is work
+    from experiments.runs.trainer import fit_and_evaluate  # torch and Lightning only once there is work
 
     summary = fit_and_evaluate(cfg, run_dir, info, callbacks or [])
     if summary is not None:

@@ -32,9 +32,9 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
-from experiments import sweep_storage as S
-from experiments.sweep_space import SweepError, SweepSpec, make_pruner, make_sampler
-from experiments.sweep_trials import PRUNED, STANDIN_ENV, Objective, make_objective, trial_dir
+from experiments.sweeps import storage as sweep_storage
+from experiments.sweeps.space import SweepError, SweepSpec, make_pruner, make_sampler
+from experiments.sweeps.trials import PRUNED, STANDIN_ENV, Objective, make_objective, trial_dir
 
 __all__ = ["PRUNED", "STANDIN_ENV", "open_study", "run_sweep", "run_trial", "run_worker", "trial_dir"]
 
@@ -83,15 +83,15 @@ def sweep_dir(sweeps_root: str | Path, spec: SweepSpec) -> Path:
 # The study
 
 
-def open_study(spec: SweepSpec, storage: S.Storage, *, worker: int = 0) -> optuna.Study:
+def open_study(spec: SweepSpec, storage: sweep_storage.Storage, *, worker: int = 0) -> optuna.Study:
     """Create the study or load it (re-running a command continues it); refuse one made from another file."""
-    backend = S.open_storage(
+    backend = sweep_storage.open_storage(
         storage,
         heartbeat_interval=spec.heartbeat_interval,
         grace_period=spec.grace_period,
         retries=spec.retries,
     )
-    with S.budget_lock(storage, spec.study):
+    with sweep_storage.budget_lock(storage, spec.study):
         study = optuna.create_study(
             storage=backend,
             study_name=spec.study,
@@ -139,7 +139,7 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def run_worker(
     spec: SweepSpec,
-    storage: S.Storage,
+    storage: sweep_storage.Storage,
     *,
     runs_root: str | Path = "results/runs",
     worker: int = 0,
@@ -156,8 +156,8 @@ def run_worker(
     failures = 0
     with _sigterm_as_interrupt():
         while True:
-            with S.budget_lock(storage, spec.study):
-                S.fail_stale_trials(study)
+            with sweep_storage.budget_lock(storage, spec.study):
+                sweep_storage.fail_stale_trials(study)
                 c = counts(study)
                 wanted = c.waiting > 0 or c.finished + c.running + c.waiting < spec.budget
                 with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
@@ -295,7 +295,7 @@ def worker_argv(spec: SweepSpec, index: int, runs_root: str | Path, overrides: S
 
 def launch_workers(
     spec: SweepSpec,
-    storage: S.Storage,
+    storage: sweep_storage.Storage,
     study: optuna.Study,
     *,
     workers: int,
@@ -361,8 +361,10 @@ def run_sweep(
 ) -> int:
     """``tlit sweep FILE``: check the storage, create or continue the study, run its workers (in this process
     when one worker and no ``devices``), and return 0 once the study has its trials."""
-    storage = S.parse_storage(storage_url or S.default_storage(sweeps_root, spec.study))
-    S.check_storage(storage)
+    storage = sweep_storage.parse_storage(
+        storage_url or sweep_storage.default_storage(sweeps_root, spec.study)
+    )
+    sweep_storage.check_storage(storage)
     study = open_study(spec, storage)
     if out is not None:
         print(f"{progress_line(spec, study)}; storage {storage}", file=out, flush=True)
@@ -394,7 +396,7 @@ def run_sweep(
     return 0 if counts(study).finished >= spec.budget and not any(codes) else 1
 
 
-def storage_text(storage: S.Storage) -> str:
+def storage_text(storage: sweep_storage.Storage) -> str:
     return str(storage.path) if storage.kind == "journal" else storage.url
 
 

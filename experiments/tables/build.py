@@ -5,8 +5,8 @@ One line per grid row, in the grid's order (the paper's): the Table 3 cells wher
 seeds, and the seed count), the paper's PPL, BLEU and params, the change of PPL and BLEU from our base next
 to the paper's change from its base and whether both go the same way, a paired-bootstrap p-value of BLEU
 against base, and the training cost (estimated FLOPs, measured device-hours). Runs that are missing, failed
-or still running keep their line, with their status and notes. Sources: :mod:`experiments.table_sources`;
-significance, agreement and FLOPs: :mod:`experiments.table_stats`; plots: :mod:`experiments.plots`.
+or still running keep their line, with their status and notes. Sources: :mod:`experiments.tables.sources`;
+significance, agreement and FLOPs: :mod:`experiments.tables.stats`; plots: :mod:`experiments.tables.plots`.
 No torch import: for 21 rows x 3 seeds a fresh ``tlit table`` costs ~2.8 s of CPU on a first call (the
 paired bootstrap) and ~1.7 s once its p-values are cached (``bench/tables_speed.py``).
 """
@@ -25,9 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from experiments import table_sources as S
-from experiments import table_stats as T
-from experiments.grid import Grid, GridError, load_grid
+from experiments.grids.grid import Grid, GridError, load_grid
+from experiments.tables import sources, stats
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class Table:
     scale: str
     frame: pd.DataFrame
     lines: list[str]
-    records: list[S.RunRecord] = field(default_factory=list)
+    records: list[sources.RunRecord] = field(default_factory=list)
 
 
 def paper_reference() -> pd.DataFrame:
@@ -87,7 +86,7 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in finite) / (len(finite) - 1))
 
 
-def _row_config(grid: Grid, scale: str, row: str, records: list[S.RunRecord]) -> dict[str, Any] | None:
+def _row_config(grid: Grid, scale: str, row: str, records: list[sources.RunRecord]) -> dict[str, Any] | None:
     """The config a row ran with (a complete run's config.yaml first), else the grid's plan for it."""
     for rec in sorted(records, key=lambda r: r.status != "complete"):
         if rec.config:
@@ -106,16 +105,16 @@ def _group(row: str, ref: pd.DataFrame) -> str:
     return match.group(1) if match else row
 
 
-def _status(recs: list[S.RunRecord], seeds: list[int]) -> str:
+def _status(recs: list[sources.RunRecord], seeds: list[int]) -> str:
     counts = Counter(r.status for r in recs)
     counts["missing"] += len(set(seeds) - {r.seed for r in recs if r.seed is not None})
     counts = Counter({s: n for s, n in counts.items() if n})
     if len(counts) == 1:
         return next(iter(counts))
-    return ", ".join(f"{counts[s]} {s}" for s in S.STATUSES if counts.get(s))
+    return ", ".join(f"{counts[s]} {s}" for s in sources.STATUSES if counts.get(s))
 
 
-def _notes(name: str, grid: Grid, recs: list[S.RunRecord], seeds: list[int], extra: list[str]) -> str:
+def _notes(name: str, grid: Grid, recs: list[sources.RunRecord], seeds: list[int], extra: list[str]) -> str:
     notes = [] if name in grid.rows else ["not in the grid file"]
     for rec in sorted(recs, key=lambda r: -1 if r.seed is None else r.seed):
         if rec.notes:
@@ -133,7 +132,7 @@ def _notes(name: str, grid: Grid, recs: list[S.RunRecord], seeds: list[int], ext
 def build_table(
     grid: Grid,
     scale: str,
-    records: list[S.RunRecord],
+    records: list[sources.RunRecord],
     *,
     significance: bool = True,
     cache: Path | None = None,
@@ -142,12 +141,12 @@ def build_table(
 
     ``cache``: where p-values of the paired bootstrap are kept between calls (None: not kept)."""
     ref = paper_reference()
-    by_row: dict[str, list[S.RunRecord]] = {}
+    by_row: dict[str, list[sources.RunRecord]] = {}
     for rec in records:
         by_row.setdefault(rec.row, []).append(rec)
     order = [*grid.rows, *sorted(set(by_row) - set(grid.rows))]
     seeds = sorted({r.seed for r in records if r.seed is not None})
-    p_values = T.bleu_significance(by_row, BASE_ROW, cache=cache) if significance else {}
+    p_values = stats.bleu_significance(by_row, BASE_ROW, cache=cache) if significance else {}
     lines = []
     for name in order:
         recs = by_row.get(name, [])
@@ -170,18 +169,18 @@ def build_table(
         p, p_note = p_values.get(name, (math.nan, ""))
         line["p_bleu"] = p
         line["train_flops"] = _mean(
-            [T.training_flops(r.config or cfg, r.summary, r.metric("train_tokens")) for r in done]
+            [stats.training_flops(r.config or cfg, r.summary, r.metric("train_tokens")) for r in done]
         )
         line["device_hours"] = _mean(
-            [r.metric("wall_seconds") * T.device_count(r.summary, r.config or cfg) / 3600 for r in done]
+            [r.metric("wall_seconds") * stats.device_count(r.summary, r.config or cfg) / 3600 for r in done]
         )
         line["status"] = _status(recs, seeds)
         line["notes"] = _notes(name, grid, recs, seeds, [p_note] if p_note else [])
         lines.append(line)
     frame = pd.DataFrame(lines)
-    frame = T.add_agreement(frame, BASE_ROW)
+    frame = stats.add_agreement(frame, BASE_ROW)
     cols = [c for c in COLUMNS if c in frame.columns]
-    return Table(grid.name, scale, frame[cols], T.summary_lines(frame, records, seeds), records)
+    return Table(grid.name, scale, frame[cols], stats.summary_lines(frame, records, seeds), records)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,9 +351,9 @@ def make_table(
     if scale not in grid.scales:
         raise GridError(f"{grid.path}: unknown scale {scale!r}; scales are: {', '.join(grid.scales)}")
     if wandb:
-        records = S.collect_wandb_runs(grid, scale, wandb)
+        records = sources.collect_wandb_runs(grid, scale, wandb)
     else:
-        records = S.collect_folder_runs(grid, scale, runs_root)
+        records = sources.collect_folder_runs(grid, scale, runs_root)
     cache = Path(runs_root) / grid.name / scale / SIGNIFICANCE_CACHE
     table = build_table(grid, scale, records, significance=significance and not wandb, cache=cache)
     out = Path(out)
@@ -362,7 +361,7 @@ def make_table(
     stem = f"{grid.name}-{scale}"
     images: list[Path] = []
     if plots:
-        from experiments.plots import make_plots  # matplotlib costs ~0.5 s to import
+        from experiments.tables.plots import make_plots  # matplotlib costs ~0.5 s to import
 
         images = make_plots(table, out, stem)
     markdown = render_markdown(table, images=[p.name for p in images])

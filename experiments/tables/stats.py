@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments import table_sources as S
+from experiments.tables import sources
 from transformer_lit.config import ModelConfig
 from transformer_lit.params import decoder_layer_params, encoder_layer_params
 
@@ -126,7 +126,7 @@ def _agreement_line(frame: pd.DataFrame, what: str, short: str) -> str:
     )
 
 
-def summary_lines(frame: pd.DataFrame, records: list[S.RunRecord], seeds: list[int]) -> list[str]:
+def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: list[int]) -> list[str]:
     """The lines under the table: run counts, agreement, Spearman's rho, significance and cost."""
     counts: dict[str, int] = {}
     for row in frame["row"]:
@@ -135,7 +135,7 @@ def summary_lines(frame: pd.DataFrame, records: list[S.RunRecord], seeds: list[i
             counts[rec.status] = counts.get(rec.status, 0) + 1
         missing = len(set(seeds) - {r.seed for r in recs}) if recs else max(len(seeds), 1)
         counts["missing"] = counts.get("missing", 0) + missing
-    runs = ", ".join(f"{counts[s]} {s}" for s in S.STATUSES if counts.get(s))
+    runs = ", ".join(f"{counts[s]} {s}" for s in sources.STATUSES if counts.get(s))
     n_seeds = max(len(seeds), 1)
     lines = [f"runs: {runs} ({len(frame)} rows x {n_seeds} seed{'s' if n_seeds > 1 else ''})"]
     lines.append(_agreement_line(frame, "dev PPL", "ppl"))
@@ -168,7 +168,7 @@ def summary_lines(frame: pd.DataFrame, records: list[S.RunRecord], seeds: list[i
 
 
 def bleu_significance(
-    by_row: dict[str, list[S.RunRecord]],
+    by_row: dict[str, list[sources.RunRecord]],
     base_row: str,
     *,
     n: int = BOOTSTRAP_N,
@@ -185,10 +185,10 @@ def bleu_significance(
     bases = {r.seed: r for r in by_row.get(base_row, []) if r.status == "complete" and r.path is not None}
     lines: dict[Any, list[str] | None] = {}
 
-    def read(rec: S.RunRecord, name: str) -> list[str] | None:
+    def read(rec: sources.RunRecord, name: str) -> list[str] | None:
         key = (rec.path, name)
         if key not in lines:
-            lines[key] = S.read_lines(rec.path / name)
+            lines[key] = sources.read_lines(rec.path / name)
         return lines[key]
 
     jobs: dict[int, dict[str, list[str]]] = {}
@@ -197,8 +197,8 @@ def bleu_significance(
         usable = [r for r in recs if r.status == "complete" and r.path is not None and r.seed in bases]
         for rec in sorted(usable, key=lambda r: r.seed) if row != base_row else []:
             base = bases[rec.seed]
-            hyps, refs = read(rec, S.HYPS_DEV), read(rec, S.REFS_DEV)
-            base_hyps, base_refs = read(base, S.HYPS_DEV), read(base, S.REFS_DEV)
+            hyps, refs = read(rec, sources.HYPS_DEV), read(rec, sources.REFS_DEV)
+            base_hyps, base_refs = read(base, sources.HYPS_DEV), read(base, sources.REFS_DEV)
             if not all((hyps, refs, base_hyps, base_refs)):
                 continue
             if refs != base_refs:
@@ -211,7 +211,7 @@ def bleu_significance(
     known = _read_cache(cache)
     fresh: dict[str, float] = {}
     for k, systems in jobs.items():
-        base_hyps, refs = read(bases[k], S.HYPS_DEV), read(bases[k], S.REFS_DEV)
+        base_hyps, refs = read(bases[k], sources.HYPS_DEV), read(bases[k], sources.REFS_DEV)
         keys = {row: _cache_key(base_hyps, hyps, refs, n, seed) for row, hyps in systems.items()}
         todo = {row: hyps for row, hyps in systems.items() if keys[row] not in known}
         computed = paired_bootstrap_many(base_hyps, todo, refs, n=n, seed=seed) if todo else {}

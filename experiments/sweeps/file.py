@@ -36,8 +36,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from experiments import grid as G
-from experiments.sweep_space import (
+from experiments.grids import grid as G
+from experiments.sweeps.space import (
     CONSTRAINTS,
     OBJECTIVES,
     PRUNERS,

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from experiments.grid import Grid
-from experiments.locks import LOCK_NAME, lock_is_held, read_lock
-from experiments.run import CONFIG, FAILED, SUMMARY
+from experiments.grids.grid import Grid
+from experiments.runs.locks import LOCK_NAME, lock_is_held, read_lock
+from experiments.runs.run import CONFIG, FAILED, SUMMARY
 from transformer_lit import config as C
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A sweep trial: its config and run folder, then training with pruning, or the test-only stand-in.
 
-A trial trains ``experiments.run.train`` into ``results/runs/<study>/<scale>/trial<NNNN>/seed<k>`` (the
+A trial trains ``experiments.runs.run.train`` into ``results/runs/<study>/<scale>/trial<NNNN>/seed<k>`` (the
 run-folder contract with ``grid`` = study name, W&B group ``<study>/<scale>``), reporting its monitor (dev
 PPL) at every validation to the pruner. A pruned trial stops there and writes ``pruned.json``: the run folder
 says so while ``summary.json`` keeps meaning "complete" (tables treat the run as not done). A failed trial
@@ -24,8 +24,8 @@ from typing import Any
 
 import optuna
 
-from experiments import run as R
-from experiments.sweep_space import SweepSpec
+from experiments.runs import run as R
+from experiments.sweeps.space import SweepSpec
 from transformer_lit import config as C
 
 STANDIN_ENV = "TLIT_SWEEP_STANDIN"
@@ -64,7 +64,7 @@ def prepare_trial(
 
 def train_objective(spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str]) -> Any:
     """Train the trial's config into its run folder with the pruning callback; return its objective(s)."""
-    from experiments.sweep_pruning import StepPruningCallback, close_wandb  # Lightning only for real trials
+    from experiments.sweeps.pruning import StepPruningCallback, close_wandb  # Lightning only for real trials
 
     cfg, run_dir = prepare_trial(spec, trial, runs_root, extra)
     info = R.RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)

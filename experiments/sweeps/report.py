@@ -21,10 +21,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from experiments import grid as G
-from experiments import sweep_storage as S
-from experiments.sweep import counts, sweep_dir
-from experiments.sweep_space import SweepError, SweepSpec
+from experiments.grids import grid as G
+from experiments.sweeps import storage as sweep_storage
+from experiments.sweeps.runner import counts, sweep_dir
+from experiments.sweeps.space import SweepError, SweepSpec
 from transformer_lit import config as C
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,13 @@ class Report:
 
 def load_study(spec: SweepSpec, storage_url: str | None, sweeps_root: str | Path) -> optuna.Study:
     """The study of ``spec`` in its storage, or a one-line error when it has not run yet."""
-    storage = S.parse_storage(storage_url or S.default_storage(sweeps_root, spec.study))
+    storage = sweep_storage.parse_storage(
+        storage_url or sweep_storage.default_storage(sweeps_root, spec.study)
+    )
     if storage.path is not None and not storage.path.is_file():
         raise SweepError(f"no study {spec.study!r} yet ({storage} not found); run: tlit sweep {spec.path}")
-    S.check_storage(storage)
-    backend = S.open_storage(
+    sweep_storage.check_storage(storage)
+    backend = sweep_storage.open_storage(
         storage,
         heartbeat_interval=spec.heartbeat_interval,
         grace_period=spec.grace_period,
