@@ -49,7 +49,7 @@ def reversal_batch(gen: torch.Generator, n: int, vocab: int = 16):
 
 @pytest.fixture(scope="module")
 def trained() -> Transformer:
-    """A micro model trained for 150 steps (~3 s) on reversal: it has learned a lot, not everything, so
+    """A micro model trained for 200 steps (~4 s) on reversal: it has learned a lot, not everything, so
     greedy and beam search disagree on some sentences."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -57,7 +57,7 @@ def trained() -> Transformer:
     gen = torch.Generator().manual_seed(0)
     model = Transformer(vocab_size=16, **TINY)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3, betas=(0.9, 0.98))
-    for _ in range(150):
+    for _ in range(200):
         src, tgt_in, tgt_out = reversal_batch(gen, 32)
         loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
         opt.zero_grad()
