@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from transformer_lit import config as C
-from transformer_lit.lit_module import TransformerLitModule, inverse_sqrt_lr, label_smoothed_nll
+from transformer_lit.lit_module import TransformerLitModule, inverse_sqrt_lr
+from transformer_lit.loss import label_smoothed_nll
 
 
 def test_schedule_peaks_at_warmup():

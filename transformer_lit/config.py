@@ -204,6 +204,13 @@ class TrainConfig:
     wandb: bool = True
     """Log to Weights & Biases (offline unless logged in); the run folder is the record either way."""
     wandb_project: str = "transformer_lit"
+    loss_chunk_tokens: int | None = 4096
+    """Target positions whose logits the training loss holds at once: the output projection, softmax and
+    their gradients run chunk by chunk, so the (tokens, V) fp32 logits and their gradient never exist whole
+    (~1.2 GB at 4096 tokens and V = 37k). None: the plain loss over the full logits. The same loss up to
+    float rounding, so a run may resume with another value."""
+    compile: bool = False
+    """torch.compile the encoder and decoder stacks (CUDA only); the compile time goes to the run's log."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -218,6 +225,13 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
         if self.num_threads is not None:
             _require(self.num_threads > 0, "train.num_threads", self.num_threads, "positive or null")
+        if self.loss_chunk_tokens is not None:
+            _require(
+                isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens > 0,
+                "train.loss_chunk_tokens",
+                self.loss_chunk_tokens,
+                "a positive integer or null",
+            )
         _require(
             self.accelerator in ("auto", "cpu", "gpu", "cuda"),
             "train.accelerator",

@@ -3,6 +3,15 @@
 Training follows Section 5 of the paper: Adam(beta1=0.9, beta2=0.98, eps=1e-9); the learning rate
 ``lr = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5)`` per optimizer step (Eq. 3); label
 smoothing eps_ls (Section 5.4). Perplexity is per target subword from the UNSMOOTHED loss, as in Table 3.
+
+One optimizer update's loss is the sum of its token losses over all micro-batches and ranks divided by its
+target tokens (tensor2tensor, fairseq; ``loss.UpdateLoss``). The reported ``train/loss`` (smoothed) and
+``train/nll``, ``train/ppl`` (unsmoothed) are per token of the update, like ``val/loss`` and ``val/ppl``.
+
+No step reads a value back to the host (on a GPU such a read makes the CPU wait for the queued kernels):
+sums and token counts stay on the device, the non-finite-loss guard is read only where the host reads
+anyway (``loss.NonFiniteGuard``), and training metrics are logged only at logging steps and never to the
+progress bar, whose values Lightning converts to Python numbers after every batch.
 """
 
 from __future__ import annotations
@@ -14,11 +23,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from transformer_lit import config as C
-from transformer_lit.errors import NonFiniteLossError
+from transformer_lit.loss import NonFiniteGuard, UpdateLoss, chunked_label_smoothed_nll, label_smoothed_nll
 from transformer_lit.model import build_model
 
 log = logging.getLogger(__name__)
@@ -28,30 +36,6 @@ def inverse_sqrt_lr(step: int, *, d_model: int, warmup_steps: int, factor: float
     """Eq. 3 of the paper for optimizer step ``step`` (1-based): linear warm-up, then step^-0.5 decay."""
     step = max(step, 1)
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
-
-
-def label_smoothed_nll(
-    logits: Tensor, target: Tensor, *, epsilon: float, pad_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Label-smoothed cross-entropy (the training loss) and the plain NLL (for perplexity).
-
-    The smoothed target puts 1 - epsilon on the gold token and spreads epsilon uniformly over the whole
-    vocabulary (Szegedy et al. 2016, as cited in Section 5.4). PAD positions of ``target`` are ignored.
-
-    Args:
-        logits: (b, t, V) decoder outputs.
-        target: (b, t) gold ids, PAD where there is no token.
-    Returns:
-        (smoothed loss summed over tokens, NLL summed over tokens, number of non-PAD tokens).
-    """
-    lprobs = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)  # (b*t, V)
-    target = target.flatten()  # (b*t,)
-    keep = target != pad_id
-    lprobs, target = lprobs[keep], target[keep]  # (n, V), (n,)
-    nll = -lprobs.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
-    smooth = -lprobs.mean(dim=-1)  # (n,): cross-entropy against the uniform distribution
-    loss = (1.0 - epsilon) * nll + epsilon * smooth
-    return loss.sum(), nll.sum(), keep.sum()
 
 
 class TransformerLitModule(L.LightningModule):
@@ -74,14 +58,38 @@ class TransformerLitModule(L.LightningModule):
         self.bleu_fn = bleu_fn
         # Plain values only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": C.to_dict(cfg), "vocab_size": vocab_size, "pad_id": pad_id})
-        self.train_tokens = 0  # target tokens seen on this rank; restored from checkpoints
+        # Target tokens trained on, all ranks together; restored from checkpoints. A buffer follows the
+        # module to its device; not persistent, so the state_dict holds the model only.
+        self.register_buffer("_train_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         self.wall_seconds_before = (
             0.0  # training time of earlier (killed) attempts; restored from checkpoints
         )
         self._fit_start = time.perf_counter()
-        self._val_nll = 0.0
-        self._val_tokens = 0
+        self._update = UpdateLoss()
+        self._guard = NonFiniteGuard()
+        self._features = self.model.features  # the training forward; compiled by compile_model()
+        self._report_compile = False  # log the first step's time (compilation included)
+        self._step_start = 0.0
+        self._val_sums: Tensor | None = None  # (2,) float64: dev NLL and tokens, on the device
         self.last_val: dict[str, float] = {}
+        if cfg.train.compile:
+            self.compile_model()
+
+    @property
+    def train_tokens(self) -> int:
+        """Target tokens trained on so far, all ranks together (one host read)."""
+        return int(self._train_tokens)
+
+    def compile_model(self) -> None:
+        """Train through ``torch.compile`` of ``Transformer.features`` (``train.compile``).
+
+        Only the training forward is compiled (``dynamic=True``: batch shapes change at every step, and
+        would otherwise recompile): validation and beam search run eagerly and trigger no compilation of
+        their own. Weights and their state_dict keys are the model's own, so checkpoints do not depend on
+        the flag. Compilation happens in the first step; its time is logged then.
+        """
+        self._features = torch.compile(self.model.features, dynamic=True)
+        self._report_compile = True
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         return self.model(src, tgt_in)
@@ -94,26 +102,56 @@ class TransformerLitModule(L.LightningModule):
         # an uninterrupted run would, so both end with the same weights on CPU.
         key = (self.cfg.train.seed, self.current_epoch, batch_idx, self.global_step, self.global_rank)
         torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
+        if self._report_compile:
+            self._step_start = time.perf_counter()
+
+    def _loss(self, batch: dict[str, Tensor], epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(smoothed loss sum, NLL sum, target tokens); chunked unless train.loss_chunk_tokens=null."""
+        features = self._features if self.training else self.model.features  # validation runs eagerly
+        hidden = features(batch["src"], batch["tgt_in"])  # (b, t, d_model)
+        chunk = self.cfg.train.loss_chunk_tokens
+        if chunk is None:
+            logits = self.model.output_proj(hidden)  # (b, t, V)
+            return label_smoothed_nll(logits, batch["tgt_out"], epsilon=epsilon, pad_id=self.pad_id)
+        weight = self.model.output_proj.weight  # (V, d_model)
+        return chunked_label_smoothed_nll(
+            hidden, weight, batch["tgt_out"], epsilon=epsilon, pad_id=self.pad_id, chunk_tokens=chunk
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self.model(batch["src"], batch["tgt_in"])  # (b, t, V)
-        loss_sum, nll_sum, ntok = label_smoothed_nll(
-            logits, batch["tgt_out"], epsilon=self.cfg.optim.label_smoothing, pad_id=self.pad_id
-        )
-        ntok_f = ntok.clamp(min=1).float()
-        loss = loss_sum / ntok_f
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the run stops here "
-                "and its last good checkpoint is kept (lower optim.lr_factor or raise optim.warmup_steps)"
-            )
-        self.train_tokens += int(ntok)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(ntok))
-        self.log("train/nll", nll_sum / ntok_f, batch_size=int(ntok))
-        return loss
+        """The SUMMED smoothed loss; ``on_before_optimizer_step`` divides by the update's tokens."""
+        loss_sum, nll_sum, ntok = self._loss(batch, self.cfg.optim.label_smoothing)
+        self._update.add(loss_sum, nll_sum, ntok)
+        return loss_sum
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._report_compile:
+            seconds = time.perf_counter() - self._step_start
+            log.info("torch.compile: the first training step took %.1f s, compilation included", seconds)
+            self._report_compile = False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        """All micro-batches of the update are back-propagated: scale the gradients to the per-token mean.
+
+        Runs before gradient clipping (Lightning clips after this hook), so the clip sees the true gradient.
+        """
+        trainer = self.trainer
+        sums = self._update.finish(
+            [p for p in self.parameters() if p.requires_grad],
+            divisor=trainer.accumulate_grad_batches * trainer.world_size,
+            distributed=trainer.world_size > 1,
+        )  # (3,): smoothed loss, NLL, tokens of the update, all ranks
+        tokens = sums[2].clamp(min=1.0)
+        loss = sums[0] / tokens
+        self._guard.observe(loss, self.global_step)
+        self._train_tokens += sums[2].long()
+        if (self.global_step + 1) % trainer.log_every_n_steps == 0:  # the steps Lightning's loggers write
+            self._guard.check()
+            nll = sums[1] / tokens
+            self.log("train/loss", loss)
+            self.log("train/nll", nll)
+            self.log("train/ppl", nll.exp())
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         o, d_model = self.cfg.optim, self.cfg.model.d_model
@@ -144,18 +182,17 @@ class TransformerLitModule(L.LightningModule):
     # Validation: per-token perplexity from the unsmoothed loss, summed over the whole dev set
 
     def on_validation_epoch_start(self) -> None:
-        self._val_nll, self._val_tokens = 0.0, 0
+        self._guard.check()  # no compute on a model whose loss went bad
+        self._val_sums = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["src"], batch["tgt_in"])  # (b, t, V)
-        _, nll_sum, ntok = label_smoothed_nll(logits, batch["tgt_out"], epsilon=0.0, pad_id=self.pad_id)
-        self._val_nll += float(nll_sum)
-        self._val_tokens += int(ntok)
+        _, nll_sum, ntok = self._loss(batch, 0.0)
+        sums = torch.stack([nll_sum.double(), ntok.double()])  # (2,)
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_end(self) -> None:
-        totals = torch.tensor(
-            [self._val_nll, float(self._val_tokens)], dtype=torch.float64, device=self.device
-        )
+        totals = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64)
+        totals = totals.to(self.device)
         totals = self.all_gather(totals).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else totals
         nll, ntok = float(totals[0]), max(float(totals[1]), 1.0)
         loss = nll / ntok
@@ -179,10 +216,14 @@ class TransformerLitModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
 
+    def on_train_end(self) -> None:
+        self._guard.check()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._guard.check()  # raises before anything is written: the last good checkpoint stays the last
         checkpoint["train_tokens"] = self.train_tokens
         checkpoint["wall_seconds"] = self.wall_seconds_before + time.perf_counter() - self._fit_start
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.train_tokens = int(checkpoint.get("train_tokens", 0))
+        self._train_tokens.fill_(int(checkpoint.get("train_tokens", 0)))
         self.wall_seconds_before = float(checkpoint.get("wall_seconds", 0.0))

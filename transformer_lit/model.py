@@ -249,10 +249,18 @@ class Transformer(nn.Module):
         hidden = self.decoder(self.tgt_embed(tgt_in), memory, src_pad_mask)  # (b, t, d_model)
         return self.output_proj(hidden)  # (b, t, V)
 
+    def features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """src (b, s), tgt_in (b, t) -> decoder outputs (b, t, d_model) before the output projection.
+
+        The training loss projects them itself, a chunk of positions at a time (``loss.py``), so that the
+        full (b, t, V) logits never exist.
+        """
+        memory, src_pad_mask = self.encode(src)  # (b, s, d_model), (b, s)
+        return self.decoder(self.tgt_embed(tgt_in), memory, src_pad_mask)  # (b, t, d_model)
+
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (b, s), tgt_in (b, t) -> logits (b, t, V) for the next token at every target position."""
-        memory, src_pad_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_pad_mask)
+        return self.output_proj(self.features(src, tgt_in))  # (b, t, V)
 
     # ------------------------------------------------------------------------------------------------------
     # Incremental decoding

@@ -36,6 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_FIELDS = frozenset(
     {
         "train.accelerator",
+        "train.compile",
+        "train.loss_chunk_tokens",
         "train.num_threads",
         "train.progress_bar",
         "train.wandb",

@@ -138,10 +138,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks
     trainer.validate(module, datamodule=dm, verbose=False)
     ppl = module.last_val.get("val/ppl", float("nan"))
 
-    tokens = torch.tensor([module.train_tokens], dtype=torch.float64, device=module.device)
-    if trainer.world_size > 1:
-        tokens = module.all_gather(tokens).sum()
-    train_tokens = int(tokens.item())
+    train_tokens = module.train_tokens  # all ranks together
     if not trainer.is_global_zero:
         return None
 
