@@ -282,7 +282,7 @@ def test_two_worker_processes_share_a_journal_study(tmp_path: Path):
 
 
 def test_workers_starting_together_share_a_fresh_sqlite_study(tmp_path: Path):
-    """Two processes creating one fresh SQLite study at once collide in Optuna's schema set-up (DESIGN.md
+    """Two processes creating one fresh SQLite study at once collide in Optuna's schema set-up (docs/DESIGN.md
     field notes); the schema lock serialises them."""
     path = write_sweep(tmp_path, trials=6)
     url = f"sqlite:///{tmp_path / 'study.db'}"

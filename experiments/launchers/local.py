@@ -4,7 +4,7 @@ Slots are GPU ids (``--devices cuda:0,1,2,3`` or ``all``) or CPU workers (``cpu:
 means one per core). A job that needs k slots (``train.devices = k``) gets k GPU ids in its
 ``CUDA_VISIBLE_DEVICES`` and runs Lightning DDP; on CPU every job runs one thread per slot
 (``OMP_NUM_THREADS=1``, ``train.num_threads=1``): on 2 cores, two 1-thread jobs give ~1.6x the throughput of
-one 2-thread job, and two 2-thread jobs run ~90x slower (DESIGN.md field notes), so slots never
+one 2-thread job, and two 2-thread jobs run ~90x slower (docs/DESIGN.md field notes), so slots never
 oversubscribe cores.
 
 Scheduling is list scheduling in longest-processing-time-first order (estimated cost, ``base.Job.cost``),

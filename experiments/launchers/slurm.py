@@ -7,7 +7,7 @@ USR2; submitit then calls ``TrainTask.checkpoint``, which stops the training pro
 resubmits the task: the run resumes from its last checkpoint (``checkpoints/last.ckpt``).
 
 The cluster is always chosen explicitly: submitit's AutoExecutor would pick SLURM whenever an ``sbatch``
-binary exists (DESIGN.md field notes). ``cluster="slurm"`` submits for real; ``"local"`` and ``"debug"``
+binary exists (docs/DESIGN.md field notes). ``cluster="slurm"`` submits for real; ``"local"`` and ``"debug"``
 run the same tasks on this machine (tests). ``sbatch_script`` renders the exact sbatch text that would
 be submitted, without a cluster (checked against ``tests/golden/sbatch/``).
 

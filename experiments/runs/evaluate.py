@@ -1,6 +1,6 @@
 """Evaluate, translate with and average a finished (or running) run folder: ``tlit eval|translate|average``.
 
-A run folder needs nothing else (DESIGN.md, "Run folder")::
+A run folder needs nothing else (docs/DESIGN.md, "Run folder")::
 
     config.yaml                  the resolved config: model shape, corpus, decoding defaults
     checkpoints/tokenizer.model  the shared subword vocabulary

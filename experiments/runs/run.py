@@ -1,6 +1,6 @@
 """Run one config into its run folder: train, evaluate on dev, write ``summary.json`` last.
 
-The run folder is the contract between training, tables and sweeps (DESIGN.md)::
+The run folder is the contract between training, tables and sweeps (docs/DESIGN.md)::
 
     config.yaml        the resolved config        metrics.csv      Lightning CSV log
     checkpoints/       last.ckpt, step=NNNNNNN.ckpt, tokenizer.model
@@ -138,7 +138,8 @@ def device_name(trainer: Any) -> str:
 
 
 def configure_wandb_mode() -> None:
-    """Offline unless the user is logged in; an explicit WANDB_MODE always wins (DESIGN.md field notes)."""
+    """Offline unless the user is logged in; an explicit WANDB_MODE always wins (docs/DESIGN.md, field
+    notes)."""
     if os.environ.get("WANDB_MODE"):
         return
     logged_in = bool(os.environ.get("WANDB_API_KEY"))
