@@ -14,10 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from experiments.runs import run as R
+from experiments.runs.progress import StepProgressBar
 from transformer_lit import config as C
 from transformer_lit.data import TranslationDataModule
 from transformer_lit.lit_module import TransformerLitModule
@@ -56,7 +57,7 @@ def build_trainer(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: l
     loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="", version="")]
     if t.wandb:
         loggers.append(_wandb_logger(cfg, run_dir, info))
-    extra = [RichProgressBar(leave=True)] if t.progress_bar else []
+    extra = [StepProgressBar(leave=True)] if t.progress_bar else []
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
