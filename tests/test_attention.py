@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from transformer_lit.attention import (
     KVCache,
@@ -16,6 +17,8 @@ from transformer_lit.attention import (
     attend,
     reference_attention,
 )
+from transformer_lit.decoding import beam_search
+from transformer_lit.model import Transformer
 
 # (num_heads, d_k, d_v) at d_model 32: base-like, row B (d_k < d_v), row A1 (h=1, d_k=d_v=d_model), odd
 HEAD_SHAPES = [(4, 8, 8), (4, 2, 8), (1, 32, 32), (3, 5, 7)]
@@ -191,3 +194,17 @@ def test_causal_queries_aligned_to_the_last_keys(padded: bool) -> None:
     for impl in ("sdpa", "reference"):
         tail = attend(q[:, :, 4:], k, v, key_padding_mask=mask, causal=True, impl=impl)
         torch.testing.assert_close(tail, full[:, :, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_our_masks_run_on_the_cpu_flash_kernel() -> None:
+    """With SDPA's math kernel disabled, training (bool key-padding masks, the causal flag) and cached beam
+    search still run: our masks do not force the math fallback. CPU flash needs d_k == d_v; the CUDA kernels
+    are checked by test_gpu_speed.py."""
+    model = Transformer(vocab_size=50, num_layers=1, d_model=16, d_ff=32, num_heads=2, d_k=8, d_v=8)
+    src = torch.randint(4, 50, (3, 6))
+    src[0, 4:] = 0  # PAD
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        model(src, torch.randint(4, 50, (3, 5))).sum().backward()
+        beam_search(model.eval(), src, beam_size=2, max_len_b=3)
+    with pytest.raises(RuntimeError, match="No available kernel"), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        attend(*(torch.randn(2, 2, 3, d) for d in (4, 4, 8)))  # the check can fail: d_k != d_v needs math

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,28 @@ def test_runtime_fields_may_change_on_resume(tmp_path):
     assert C.load_yaml(out / "config.yaml").train.num_threads == 2
     with pytest.raises(R.RunFolderConflict, match=r"model.d_k: 8 there, 4 now"):
         R.check_or_write_config(out, C.apply_overrides(cfg, {"model.d_k": 4}))  # ...what it computes may not
+
+
+def test_compile_and_loss_chunking_never_make_another_config(tmp_path):
+    out = tmp_path / "run"
+    cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=3))
+    R.check_or_write_config(out, cfg)
+    R.check_or_write_config(
+        out, C.apply_overrides(cfg, ["train.compile=true", "train.loss_chunk_tokens=null"])
+    )
+    assert C.load_yaml(out / "config.yaml").train.compile is True
+
+
+@pytest.mark.slow
+def test_compile_trains_a_few_steps_and_logs_its_compile_time(tmp_path, caplog):
+    """torch.compile works on CPU too (inductor's C++ backend; ~30 s to compile even this micro model)."""
+    cfg = C.apply_overrides(C.base(), [*micro_args(tmp_path, steps=3), "train.compile=true"])
+    with caplog.at_level("INFO", logger="transformer_lit"):
+        summary = R.train(cfg, tmp_path / "run")
+    assert summary["status"] == "complete" and summary["train_steps"] == 3
+    assert re.search(
+        r"torch.compile: the first training step took \d+\.\d s, compilation included", caplog.text
+    )
 
 
 def test_a_locked_run_is_not_trained_twice(tmp_path, capsys, monkeypatch):
