@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.grids import grid as G  # noqa: E402
 from experiments.grids.runner import lpt_makespan  # noqa: E402
 from experiments.launchers import base as B  # noqa: E402
-from experiments.launchers import local as L  # noqa: E402
+from experiments.launchers import local  # noqa: E402
 
 
 def grid_like_durations(total: float) -> dict[str, float]:
@@ -46,7 +46,7 @@ def measure(durations: dict[str, float], slots: int, noise: float, seed: int) ->
         for row, estimate in durations.items():
             actual = estimate * (1 + rng.uniform(-noise, noise))
             jobs.append((B.fake_job(row, Path(tmp) / row, actual, cost=estimate), actual))
-        launcher = L.LocalLauncher(L.parse_devices(f"cpu:{slots}"))
+        launcher = local.LocalLauncher(local.parse_devices(f"cpu:{slots}"))
         start = time.perf_counter()
         results = launcher.run([j for j, _ in jobs])
         makespan = time.perf_counter() - start

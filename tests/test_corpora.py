@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer_lit import corpora
-from transformer_lit import synthetic as S
+from transformer_lit import corpora, synthetic
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import CorpusError, corpus_key, load_corpus, read_parallel, resolve_prefix
 
@@ -36,7 +35,11 @@ def small() -> corpora.Corpus:
 
 
 def test_synthetic_is_deterministic_and_seeded() -> None:
-    first, again, other = S.generate(0, 500, 50), S.generate(0, 500, 50), S.generate(1, 500, 50)
+    first, again, other = (
+        synthetic.generate(0, 500, 50),
+        synthetic.generate(0, 500, 50),
+        synthetic.generate(1, 500, 50),
+    )
     assert first == again
     assert all(a != b for a, b in zip(first, other, strict=True))
 
@@ -50,8 +53,8 @@ def test_synthetic_splits_have_their_sizes_and_do_not_overlap(small: corpora.Cor
 
 def test_synthetic_test_sentences_are_longer_than_any_training_sentence(small: corpora.Corpus) -> None:
     train_max = max(len(tokens(s)) for s, _ in small.train + small.dev)
-    assert train_max <= S.TRAIN_LENGTHS[1] < min(len(tokens(s)) for s, _ in small.test)
-    assert max(len(tokens(s)) for s, _ in small.test) <= S.TEST_LENGTHS[1]
+    assert train_max <= synthetic.TRAIN_LENGTHS[1] < min(len(tokens(s)) for s, _ in small.test)
+    assert max(len(tokens(s)) for s, _ in small.test) <= synthetic.TEST_LENGTHS[1]
 
 
 def test_synthetic_dev_and_test_do_not_depend_on_the_training_size(small: corpora.Corpus) -> None:
@@ -60,7 +63,7 @@ def test_synthetic_dev_and_test_do_not_depend_on_the_training_size(small: corpor
 
 
 def test_no_target_word_is_spelled_like_a_source_word(small: corpora.Corpus) -> None:
-    source_words = S.lexicon().source_words()
+    source_words = synthetic.lexicon().source_words()
     target_words = {w for split in (small.train, small.test) for _, t in split for w in tokens(t)}
     assert {w for split in (small.train, small.test) for s, _ in split for w in tokens(s)} <= source_words | {
         ",",
@@ -70,42 +73,59 @@ def test_no_target_word_is_spelled_like_a_source_word(small: corpora.Corpus) -> 
 
 
 def lex():
-    lx = S.lexicon()
+    lx = synthetic.lexicon()
     return lx, lx.nouns, lx.verbs, lx.adjectives
 
 
 def test_docstring_example_pair() -> None:
     lx, n, v, a = lex()
-    bank = S.NP(lx.ambiguous["bank"], adjs=[a["big"]], mods=[(lx.prepositions["near"], S.NP(n["river"]))])
-    sub = S.Clause("sub", subj=S.NP(n["farmer"]), verb=v["see"], tense="past", obj=bank)
-    tree = S.Clause(
-        subj=S.NP(pron="he"), verb=v["call_back"], tense="fut", obj=S.NP(n["teacher"], adjs=[a["old"]])
+    bank = synthetic.NP(
+        lx.ambiguous["bank"], adjs=[a["big"]], mods=[(lx.prepositions["near"], synthetic.NP(n["river"]))]
+    )
+    sub = synthetic.Clause("sub", subj=synthetic.NP(n["farmer"]), verb=v["see"], tense="past", obj=bank)
+    tree = synthetic.Clause(
+        subj=synthetic.NP(pron="he"),
+        verb=v["call_back"],
+        tense="fut",
+        obj=synthetic.NP(n["teacher"], adjs=[a["old"]]),
     )
     tree.adv, tree.front = lx.adverbs["tomorrow"], (lx.conjunctions["because"], sub)
-    src, tgt = S.render(tree)
-    example = S.__doc__.split("Example pair")[1].splitlines()[1:3]
+    src, tgt = synthetic.render(tree)
+    example = synthetic.__doc__.split("Example pair")[1].splitlines()[1:3]
     assert [src, tgt] == [line.strip() for line in example]
 
 
 def test_reordering_verb_final_subclauses_and_separable_particles() -> None:
     lx, n, v, a = lex()
 
-    def clause(kind: str, tense: str) -> S.Clause:
-        return S.Clause(kind, subj=S.NP(pron="he"), verb=v["call_back"], tense=tense, obj=S.NP(n["man"]))
+    def clause(kind: str, tense: str) -> synthetic.Clause:
+        return synthetic.Clause(
+            kind, subj=synthetic.NP(pron="he"), verb=v["call_back"], tense=tense, obj=synthetic.NP(n["man"])
+        )
 
-    main = S.Clause(subj=S.NP(n["woman"]), verb=v["laugh"], tense="pres")
+    main = synthetic.Clause(subj=synthetic.NP(n["woman"]), verb=v["laugh"], tense="pres")
     main.subs = [(lx.conjunctions["because"], clause("sub", "pres"))]
-    assert S.render(clause("main", "pres")) == ("he calls back the man.", "er ruft den mann zurück.")
-    assert S.render(main)[1] == "die frau lacht, weil er den mann zurückruft."
-    assert S.render(clause("main", "past"))[1] == "er hat den mann zurückgerufen."
+    assert synthetic.render(clause("main", "pres")) == ("he calls back the man.", "er ruft den mann zurück.")
+    assert synthetic.render(main)[1] == "die frau lacht, weil er den mann zurückruft."
+    assert synthetic.render(clause("main", "past"))[1] == "er hat den mann zurückgerufen."
     main.subs = [(lx.conjunctions["because"], clause("sub", "past"))]
-    assert S.render(main)[1] == "die frau lacht, weil er den mann zurückgerufen hat."
-    late = S.Clause(
-        subj=S.NP(n["dog"]), verb=v["see"], tense="past", obj=S.NP(n["cat"]), adv=lx.adverbs["yesterday"]
+    assert synthetic.render(main)[1] == "die frau lacht, weil er den mann zurückgerufen hat."
+    late = synthetic.Clause(
+        subj=synthetic.NP(n["dog"]),
+        verb=v["see"],
+        tense="past",
+        obj=synthetic.NP(n["cat"]),
+        adv=lx.adverbs["yesterday"],
     )
-    assert S.render(late) == ("the dog saw the cat yesterday.", "der hund hat gestern die katze gesehen.")
+    assert synthetic.render(late) == (
+        "the dog saw the cat yesterday.",
+        "der hund hat gestern die katze gesehen.",
+    )
     late.front = "adv"  # verb second: the finite verb comes before the subject
-    assert S.render(late) == ("yesterday the dog saw the cat.", "gestern hat der hund die katze gesehen.")
+    assert synthetic.render(late) == (
+        "yesterday the dog saw the cat.",
+        "gestern hat der hund die katze gesehen.",
+    )
 
 
 def test_agreement_is_decided_by_a_distant_word() -> None:
@@ -115,14 +135,19 @@ def test_agreement_is_decided_by_a_distant_word() -> None:
         ("cat", "eine große alte"),
         ("horse", "ein großes altes"),
     ):
-        src, tgt = S.render(S.Clause(subj=S.NP(n[noun], "a", adjs=[a["big"], a["old"]]), verb=v["sleep"]))
-        assert (src, tgt) == (f"a big old {noun} sleeps.", f"{article} {S.lexicon().nouns[noun].de} schläft.")
+        src, tgt = synthetic.render(
+            synthetic.Clause(subj=synthetic.NP(n[noun], "a", adjs=[a["big"], a["old"]]), verb=v["sleep"])
+        )
+        assert (src, tgt) == (
+            f"a big old {noun} sleeps.",
+            f"{article} {synthetic.lexicon().nouns[noun].de} schläft.",
+        )
     renders = []
     for plural in (False, True):
-        rel = S.Clause("rel", verb=v["see"], tense="past", obj=S.NP(n["cat"]), role="subj")
-        head = S.NP(n["dog"], plural=plural, rel=rel)
+        rel = synthetic.Clause("rel", verb=v["see"], tense="past", obj=synthetic.NP(n["cat"]), role="subj")
+        head = synthetic.NP(n["dog"], plural=plural, rel=rel)
         rel.head = head
-        renders.append(S.render(S.Clause(subj=head, verb=v["sleep"], tense="past")))
+        renders.append(synthetic.render(synthetic.Clause(subj=head, verb=v["sleep"], tense="past")))
     assert renders[0] == (
         "the dog that saw the cat slept.",
         "der hund, der die katze gesehen hat, hat geschlafen.",
@@ -131,11 +156,14 @@ def test_agreement_is_decided_by_a_distant_word() -> None:
         "the dogs that saw the cat slept.",
         "die hunde, die die katze gesehen haben, haben geschlafen.",
     )
-    cup = S.Clause(subj=S.NP(n["cup"]), verb=v["fall"], tense="past")
+    cup = synthetic.Clause(subj=synthetic.NP(n["cup"]), verb=v["fall"], tense="past")
     cup.subs = [
-        (lx.conjunctions["because"], S.Clause("sub", subj=S.NP(pron="it"), adj=a["heavy"], tense="past"))
+        (
+            lx.conjunctions["because"],
+            synthetic.Clause("sub", subj=synthetic.NP(pron="it"), adj=a["heavy"], tense="past"),
+        )
     ]
-    assert S.render(cup) == (
+    assert synthetic.render(cup) == (
         "the cup fell because it was heavy.",
         "die tasse ist gefallen, weil sie schwer war.",
     )
@@ -145,20 +173,25 @@ def test_ambiguous_words_are_resolved_by_context() -> None:
     lx, n, v, a = lex()
 
     def bank_sentence(*pps: str) -> str:
-        obj = S.NP(lx.ambiguous["bank"])
-        c = S.Clause(
-            subj=S.NP(n["man"]),
+        obj = synthetic.NP(lx.ambiguous["bank"])
+        c = synthetic.Clause(
+            subj=synthetic.NP(n["man"]),
             verb=v["see"],
             obj=obj,
-            pps=[(lx.prepositions[p], S.NP(n[w])) for p, w in pps],
+            pps=[(lx.prepositions[p], synthetic.NP(n[w])) for p, w in pps],
         )
-        return S.render(c)[1]
+        return synthetic.render(c)[1]
 
     assert bank_sentence() == "der mann sieht das geldhaus."
     assert bank_sentence(("near", "river")) == "der mann sieht das ufer beim fluss."
     assert bank_sentence(("near", "king")) == "der mann sieht das geldhaus beim könig."
-    assert S.render(S.Clause(subj=S.NP(n["man"]), verb=v["run"]))[1] == "der mann läuft."
-    assert S.render(S.Clause(subj=S.NP(n["clock"]), verb=v["run"]))[1] == "die uhr funktioniert."
+    assert (
+        synthetic.render(synthetic.Clause(subj=synthetic.NP(n["man"]), verb=v["run"]))[1] == "der mann läuft."
+    )
+    assert (
+        synthetic.render(synthetic.Clause(subj=synthetic.NP(n["clock"]), verb=v["run"]))[1]
+        == "die uhr funktioniert."
+    )
 
 
 def test_the_corpus_exercises_every_phenomenon(small: corpora.Corpus) -> None:
@@ -217,7 +250,7 @@ def test_synthetic_corpus_is_cached_on_disk_and_read_back(
     def no_generation(*args, **kwargs):
         raise AssertionError("the cached corpus should have been read, not generated again")
 
-    monkeypatch.setattr(S, "generate", no_generation)
+    monkeypatch.setattr(synthetic, "generate", no_generation)
     again = load_corpus(cfg)
     assert (again.train, again.dev, again.test) == (first.train, first.dev, first.test)
     assert (again.train, again.dev, again.test) == (small.train, small.dev, small.test)

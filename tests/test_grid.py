@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from experiments.grids import grid as G
+from experiments.grids.scale import SIZE_FIELDS, Scale, ScaleError
 from experiments.tables.build import CELLS
+from transformer_lit import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "reference" / "table3_paper.csv"
@@ -65,6 +67,30 @@ def test_tiny_scale_divides_dims_and_keeps_meaning():
     assert big.train.max_steps == 3 * base.train.max_steps == 2100
     assert big.model.num_heads == 16 and big.model.d_model == 128
     assert base.data.corpus == "synthetic"
+
+
+def test_one_scale_rule_for_grids_and_sweeps_and_its_inverse():
+    """Grid rows, sweep choices and exported sweep rows all go through ``Scale``: a paper-size row taken
+    to any shipped scale and back is the row again, and a sweep's choices shrink as grid cells do."""
+    grid = G.load_grid("table3")
+    paper = grid.config("big", "paper")
+    for name, scale in grid.scales.items():
+        scaled = grid.config("big", name)
+        assert scaled == scale.apply(C.apply_overrides(C.base(), {**scale.set, **grid.row("big").cells}))
+        flat, flat_paper = C.flat_dict(scaled), C.flat_dict(paper)
+        for key in (*SIZE_FIELDS, "train.max_steps"):
+            assert scale.choices(key, (flat_paper[key],)) == (flat[key],)
+        for key in SIZE_FIELDS:
+            assert scale.invert(key, flat[key]) == flat_paper[key]
+    tiny = grid.scale("tiny")
+    assert tiny.range("model.d_k", 8, 128, None) == (1, 16, None)
+    assert tiny.range("model.d_k", 9, 127, 16) == (2, 15, 2)  # bounds inwards, step divided
+    with pytest.raises(ScaleError, match="model.d_k=20 is not divisible by the scale's divide=8"):
+        tiny.value("model.d_k", 20)
+    with pytest.raises(ScaleError, match="empty at scale tiny"):
+        tiny.range("model.d_k", 1, 7, None)
+    with pytest.raises(ScaleError, match="steps must be a positive number"):
+        Scale("x", steps=0)
 
 
 def test_expand_rows_seeds_and_overrides(tmp_path):

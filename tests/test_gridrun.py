@@ -18,7 +18,7 @@ from experiments import cli
 from experiments.grids import grid as G
 from experiments.grids import runner as gridrun
 from experiments.launchers import base as B
-from experiments.launchers import local as L
+from experiments.launchers import local
 from experiments.runs import locks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_grid_run_accepts_options_between_file_and_overrides():
 
 
 def test_train_jobs_rebuild_the_same_run(table3, tmp_path):
-    launcher = L.LocalLauncher(L.parse_devices("cpu:2"))
+    launcher = local.LocalLauncher(local.parse_devices("cpu:2"))
     specs = gridrun.specs_for(
         table3, "tiny", rows="base,big", seeds=2, overrides=["train.max_steps=7"], runs=tmp_path
     )
@@ -86,7 +86,7 @@ def test_train_jobs_rebuild_the_same_run(table3, tmp_path):
 
 
 def test_slots_follow_train_devices(table3, tmp_path):
-    launcher = L.LocalLauncher(L.parse_devices("cpu:2"))
+    launcher = local.LocalLauncher(local.parse_devices("cpu:2"))
     (spec,) = gridrun.specs_for(table3, "tiny", rows="base", overrides=["train.devices=2"], runs=tmp_path)
     assert B.job_for_spec(spec, table3.path, ["train.devices=2"], launcher).slots == 2
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from experiments.launchers import base as B
-from experiments.launchers import local as L
+from experiments.launchers import local
 from experiments.runs import locks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,48 +40,50 @@ def events(ledger: Path, what: str, name: str) -> list[tuple[str, str, int, floa
 
 
 def test_parse_devices_cpu_forms(monkeypatch):
-    assert L.parse_devices("cpu:2") == L.Slots("cpu", ("cpu0", "cpu1"))
-    assert len(L.parse_devices("cpu:all")) == L.cpu_count()
-    monkeypatch.setattr(L, "visible_gpus", lambda: [])
-    assert L.parse_devices("all") == L.Slots("cpu", tuple(f"cpu{i}" for i in range(L.cpu_count())))
+    assert local.parse_devices("cpu:2") == local.Slots("cpu", ("cpu0", "cpu1"))
+    assert len(local.parse_devices("cpu:all")) == local.cpu_count()
+    monkeypatch.setattr(local, "visible_gpus", lambda: [])
+    assert local.parse_devices("all") == local.Slots(
+        "cpu", tuple(f"cpu{i}" for i in range(local.cpu_count()))
+    )
 
 
 def test_parse_devices_gpu_forms(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(L, "visible_gpus", lambda: ["0", "1", "2", "3"])
-    assert L.parse_devices("all") == L.Slots("cuda", ("0", "1", "2", "3"))
-    assert L.parse_devices("cuda:all") == L.Slots("cuda", ("0", "1", "2", "3"))
-    assert L.parse_devices("cuda:0,1") == L.Slots("cuda", ("0", "1"))
-    assert L.parse_devices("cuda:2") == L.Slots("cuda", ("2",))
+    monkeypatch.setattr(local, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    assert local.parse_devices("all") == local.Slots("cuda", ("0", "1", "2", "3"))
+    assert local.parse_devices("cuda:all") == local.Slots("cuda", ("0", "1", "2", "3"))
+    assert local.parse_devices("cuda:0,1") == local.Slots("cuda", ("0", "1"))
+    assert local.parse_devices("cuda:2") == local.Slots("cuda", ("2",))
 
 
 def test_cuda_ids_count_among_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    assert L.visible_gpus() == ["4", "6"]
-    assert L.parse_devices("cuda:1") == L.Slots("cuda", ("6",))
+    assert local.visible_gpus() == ["4", "6"]
+    assert local.parse_devices("cuda:1") == local.Slots("cuda", ("6",))
     with pytest.raises(ValueError, match="only 2 GPU"):
-        L.parse_devices("cuda:0,2")
+        local.parse_devices("cuda:0,2")
 
 
 @pytest.mark.parametrize(
     "spec", ["", "gpu", "cpu", "cpu:0", "cpu:-1", "cpu:x", "cuda:a", "cuda:0,0", "tpu:1", "2"]
 )
 def test_bad_device_specs_fail_in_one_line(spec, monkeypatch):
-    monkeypatch.setattr(L, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(local, "visible_gpus", lambda: ["0"])
     with pytest.raises(ValueError) as err:
-        L.parse_devices(spec)
+        local.parse_devices(spec)
     message = str(err.value)
     assert "\n" not in message and "--devices" in message and "cpu:N" in message and "cuda:" in message
 
 
 def test_cuda_all_without_gpu_says_so(monkeypatch):
-    monkeypatch.setattr(L, "visible_gpus", lambda: [])
+    monkeypatch.setattr(local, "visible_gpus", lambda: [])
     with pytest.raises(ValueError, match="no GPU is visible"):
-        L.parse_devices("cuda:all")
+        local.parse_devices("cuda:all")
 
 
 def test_children_env_and_overrides_per_slot_kind():
-    cpu = L.LocalLauncher(L.Slots("cpu", ("cpu0", "cpu1")))
+    cpu = local.LocalLauncher(local.Slots("cpu", ("cpu0", "cpu1")))
     env = cpu.env_for(("cpu0",))
     assert (
         env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
@@ -89,7 +91,7 @@ def test_children_env_and_overrides_per_slot_kind():
     assert {"train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"} <= set(
         cpu.device_overrides()
     )
-    gpu = L.LocalLauncher(L.Slots("cuda", ("0", "1", "2", "3")))
+    gpu = local.LocalLauncher(local.Slots("cuda", ("0", "1", "2", "3")))
     assert gpu.env_for(("2", "3"))["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "train.accelerator=cpu" not in gpu.device_overrides()
 
@@ -100,7 +102,7 @@ def test_children_env_and_overrides_per_slot_kind():
 
 def test_lpt_order_is_longest_first_and_stable(tmp_path):
     jobs = [B.Job(n, ["true"], tmp_path / n, cost=c) for n, c in [("a", 1), ("b", 5), ("c", 3), ("d", 5)]]
-    assert [j.name for j in L.lpt_order(jobs)] == ["b", "d", "c", "a"]
+    assert [j.name for j in local.lpt_order(jobs)] == ["b", "d", "c", "a"]
 
 
 def test_one_slot_runs_jobs_longest_first(tmp_path):
@@ -108,7 +110,7 @@ def test_one_slot_runs_jobs_longest_first(tmp_path):
     jobs = [
         B.fake_job(n, tmp_path / n, 0.05, cost=c, ledger=ledger) for n, c in [("s", 1), ("l", 9), ("m", 5)]
     ]
-    results = L.LocalLauncher(L.parse_devices("cpu:1")).run(jobs)
+    results = local.LocalLauncher(local.parse_devices("cpu:1")).run(jobs)
     assert [r.state for r in results] == [B.JobState.DONE] * 3
     assert [e[1] for e in read_ledger(ledger) if e[0] == "start"] == ["l", "m", "s"]
     assert not any((tmp_path / n / "run.lock").exists() for n in "slm")
@@ -123,7 +125,7 @@ def test_two_slot_job_waits_for_two_free_slots(tmp_path):
         B.fake_job("pair", tmp_path / "pair", 0.2, cost=5, slots=2, ledger=ledger),
         B.fake_job("short", tmp_path / "short", 0.1, cost=0.5, ledger=ledger),
     ]
-    results = L.LocalLauncher(L.parse_devices("cpu:2")).run(jobs)
+    results = local.LocalLauncher(local.parse_devices("cpu:2")).run(jobs)
     assert all(r.state == B.JobState.DONE for r in results)
     (pair_start,) = events(ledger, "start", "pair")
     (long_done,) = events(ledger, "done", "long")
@@ -143,7 +145,7 @@ def test_gpu_slots_are_disjoint_between_running_jobs(tmp_path):
         B.Job(n, [sys.executable, "-c", code, str(tmp_path / n)], tmp_path / n, slots=s, cost=c)
         for n, s, c in [("a", 2, 3), ("b", 1, 2), ("c", 1, 1)]
     ]
-    results = L.LocalLauncher(L.Slots("cuda", ("0", "1", "2", "3"))).run(jobs)
+    results = local.LocalLauncher(local.Slots("cuda", ("0", "1", "2", "3"))).run(jobs)
     assert all(r.state == B.JobState.DONE for r in results)
     seen = {j.name: j.log_path.read_text().split("CVD=")[1].split()[0].split(",") for j in jobs}
     assert len(seen["a"]) == 2 and len(seen["b"]) == 1 and len(seen["c"]) == 1
@@ -153,7 +155,7 @@ def test_gpu_slots_are_disjoint_between_running_jobs(tmp_path):
 def test_a_job_needing_more_slots_than_exist_is_refused(tmp_path):
     job = B.fake_job("big", tmp_path / "big", 0.1, slots=3)
     with pytest.raises(ValueError, match="needs 3 slots"):
-        L.LocalLauncher(L.parse_devices("cpu:2")).run([job])
+        local.LocalLauncher(local.parse_devices("cpu:2")).run([job])
 
 
 def test_failing_job_is_retried_then_marked_failed_while_others_finish(tmp_path):
@@ -163,7 +165,7 @@ def test_failing_job_is_retried_then_marked_failed_while_others_finish(tmp_path)
         B.fake_job("fine", tmp_path / "fine", 0.3),
         B.Job("silent", [sys.executable, "-c", "pass"], tmp_path / "silent"),  # exits 0, writes no summary
     ]
-    results = {r.name: r for r in L.LocalLauncher(L.parse_devices("cpu:2"), retries=1).run(jobs)}
+    results = {r.name: r for r in local.LocalLauncher(local.parse_devices("cpu:2"), retries=1).run(jobs)}
     assert results["flaky"].state == B.JobState.DONE and results["flaky"].attempts == 2
     assert results["fine"].state == B.JobState.DONE and results["fine"].attempts == 1
     assert results["broken"].state == B.JobState.FAILED and results["broken"].attempts == 2
@@ -181,7 +183,7 @@ def test_user_errors_are_not_retried(tmp_path):
     job = B.Job(
         "bad", [sys.executable, "-c", "import sys; print('bad config'); sys.exit(2)"], tmp_path / "bad"
     )
-    (result,) = L.LocalLauncher(L.parse_devices("cpu:1"), retries=3).run([job])
+    (result,) = local.LocalLauncher(local.parse_devices("cpu:1"), retries=3).run([job])
     assert result.state == B.JobState.FAILED and result.attempts == 1
 
 
@@ -190,7 +192,7 @@ def test_complete_runs_are_skipped_and_progress_is_reported(tmp_path):
     (tmp_path / "done" / "summary.json").write_text('{"status": "complete"}')
     jobs = [B.fake_job("done", tmp_path / "done", 5), B.fake_job("todo", tmp_path / "todo", 0.1)]
     seen: list[B.Progress] = []
-    results = L.LocalLauncher(L.parse_devices("cpu:1")).run(jobs, on_update=seen.append)
+    results = local.LocalLauncher(local.parse_devices("cpu:1")).run(jobs, on_update=seen.append)
     assert [r.state for r in results] == [B.JobState.SKIPPED, B.JobState.DONE]
     assert seen and seen[-1].states == {"done": B.JobState.SKIPPED, "todo": B.JobState.DONE}
     assert any(p.running for p in seen)
@@ -201,10 +203,10 @@ def test_complete_runs_are_skipped_and_progress_is_reported(tmp_path):
 
 DRIVER = """
 import json, sys
-from experiments.launchers import base as B, local as L
+from experiments.launchers import base as B, local
 spec = json.loads(sys.argv[1])
 jobs = [B.fake_job(n, f"{spec['root']}/{n}", s, ledger=spec["ledger"]) for n, s in spec["jobs"]]
-launcher = L.LocalLauncher(L.parse_devices(spec["devices"]), grace=spec.get("grace", 10))
+launcher = local.LocalLauncher(local.parse_devices(spec["devices"]), grace=spec.get("grace", 10))
 results = launcher.run(jobs)
 print(json.dumps({r.name: r.state.value for r in results}), flush=True)
 if launcher.stopped_by is not None:

@@ -101,9 +101,6 @@ class Tokenizer:
             ids = ids.tolist()
         return self._sp.decode([int(i) for i in ids if int(i) not in SPECIAL_IDS])
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
-
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 

@@ -10,24 +10,21 @@ A grid file (``ablations/*.yaml``) reads like the paper's table::
       B1: {label: "d_k=16", model.d_k: 16}
 
 A row lists only the cells that differ from the paper's base model, at the paper's sizes. A scale then
-says how big base is and how long it trains: ``divide`` shrinks d_model, d_ff, d_k and d_v by one factor
-(keeping h, N, P_drop and eps_ls, so every row keeps its meaning), ``steps`` multiplies each row's
-``train.max_steps`` (so "big" still trains 3x longer), and ``set`` fixes everything else (corpus, batch,
-warm-up). Command-line overrides come last. No torch import: planning and tables stay fast.
+says how big base is and how long it trains (``divide``, ``steps``, ``set``: the rule is ``scale.Scale``).
+Command-line overrides come last. No torch import: planning and tables stay fast.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from experiments.grids.scale import Scale, ScaleError
 from transformer_lit import config as C
 
-SCALED_FIELDS = ("model.d_model", "model.d_ff", "model.d_k", "model.d_v")
 ROW_KEYS = ("label",)
 SCALE_KEYS = ("description", "divide", "steps", "set")
 GRID_KEYS = ("name", "description", "scales", "rows", "default_scale")
@@ -36,15 +33,6 @@ DEFAULT_GRID = "table3"
 
 class GridError(ValueError):
     """A malformed grid file or an unknown row/scale; the message is one line naming file, row and field."""
-
-
-@dataclass(frozen=True)
-class Scale:
-    name: str
-    divide: int = 1
-    steps: float = 1.0
-    set: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,29 +67,11 @@ class Grid:
         """The resolved config of one run: base, then the scale's settings, the row's cells, the scale's
         division and step factor, the seed, and finally the user's overrides."""
         r, s = self.row(row), self.scale(scale)
-        where = f"{self.path}: row {row}, scale {scale}"
         try:
-            cfg = C.apply_overrides(C.base(), {**s.set, **r.cells})
+            cfg = s.apply(C.apply_overrides(C.base(), {**s.set, **r.cells}))
+            return C.apply_overrides(cfg, {"train.seed": seed, **(overrides or {})})
         except ValueError as err:
-            raise GridError(f"{where}: {err}") from None
-        scaled = _scaled_values(cfg, s, where)
-        scaled["train.seed"] = seed
-        try:
-            return C.apply_overrides(C.apply_overrides(cfg, scaled), overrides or {})
-        except ValueError as err:
-            raise GridError(f"{where}: {err}") from None
-
-
-def _scaled_values(cfg: C.RunConfig, scale: Scale, where: str) -> dict[str, Any]:
-    flat = C.flat_dict(cfg)
-    out: dict[str, Any] = {}
-    for key in SCALED_FIELDS:
-        value = flat[key]
-        if value % scale.divide or value // scale.divide < 1:
-            raise GridError(f"{where}: {key}={value} is not divisible by the scale's divide={scale.divide}")
-        out[key] = value // scale.divide
-    out["train.max_steps"] = max(1, round(flat["train.max_steps"] * scale.steps))
-    return out
+            raise GridError(f"{self.path}: row {row}, scale {scale}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,22 +185,20 @@ def _load_scales(path: Path, raw: Any) -> dict[str, Scale]:
     for name, values in raw.items():
         values = values or {}
         _check_keys(values, SCALE_KEYS, f"{path}: scale {name}: unknown key")
-        divide, steps = values.get("divide", 1), values.get("steps", 1.0)
-        if not isinstance(divide, int) or divide < 1:
-            raise GridError(f"{path}: scale {name}: divide must be a positive integer, got {divide!r}")
-        if not isinstance(steps, int | float) or not math.isfinite(steps) or steps <= 0:
-            raise GridError(f"{path}: scale {name}: steps must be a positive number, got {steps!r}")
         settings = dict(values.get("set") or {})
         for key in settings:
             if key not in known:
                 raise GridError(f"{path}: scale {name}: unknown config field {key!r}")
-        scales[str(name)] = Scale(
-            name=str(name),
-            divide=divide,
-            steps=float(steps),
-            set=settings,
-            description=str(values.get("description", "")),
-        )
+        try:
+            scales[str(name)] = Scale(
+                name=str(name),
+                divide=values.get("divide", 1),
+                steps=values.get("steps", 1.0),
+                set=settings,
+                description=str(values.get("description", "")),
+            )
+        except ScaleError as err:
+            raise GridError(f"{path}: scale {name}: {err}") from None
     return scales
 
 

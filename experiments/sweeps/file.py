@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.grids import grid as G
+from experiments.grids.scale import SIZE_FIELDS, ScaleError
 from experiments.sweeps.space import (
     CONSTRAINTS,
     OBJECTIVES,
@@ -262,41 +263,19 @@ def _param(where: str, name: str, body: dict[str, Any]) -> Param:
 
 
 def _scaled(where: str, p: Param, spec: SweepSpec) -> Param:
-    """The parameter at the trial's scale (see the module docstring)."""
+    """The parameter at the trial's scale (see the module docstring; the rule is ``scale.Scale``)."""
     s = spec.grid.scale(spec.scale)
-    if p.name in G.SCALED_FIELDS and s.divide > 1:
-        d = s.divide
+    if not s.changes(p.name):
+        return p
+    try:
         if p.kind == "categorical":
-            bad = [c for c in p.choices if not _is_int(c) or c % d or c < d]
-            if bad:
-                raise SweepError(
-                    f"{where}: choice {bad[0]!r} is not divisible by scale {spec.scale}'s divide={d}"
-                )
-            return dataclasses.replace(p, choices=tuple(c // d for c in p.choices))
-        if p.kind != "int":
+            return dataclasses.replace(p, choices=s.choices(p.name, p.choices))
+        if p.name in SIZE_FIELDS and p.kind != "int":
             raise SweepError(f"{where}: {p.name} is an integer size; give an int range")
-        step = None
-        if p.step not in (None, 1):
-            if p.step % d:
-                raise SweepError(
-                    f"{where}: step {p.step} is not divisible by scale {spec.scale}'s divide={d}"
-                )
-            step = p.step // d
-        low, high = max(1, -(-int(p.low) // d)), int(p.high) // d
-        if low > high:
-            raise SweepError(
-                f"{where}: empty at scale {spec.scale} (divide={d}): {p.low}..{p.high} -> {low}..{high}"
-            )
-        return dataclasses.replace(p, low=low, high=high, step=step)
-    if p.name == "train.max_steps" and s.steps != 1.0:
-        f = s.steps
-        if p.kind == "categorical":
-            return dataclasses.replace(
-                p, choices=tuple(dict.fromkeys(max(1, round(c * f)) for c in p.choices))
-            )
-        step = None if p.step in (None, 1) else max(1, round(p.step * f))
-        return dataclasses.replace(p, low=max(1, round(p.low * f)), high=max(1, round(p.high * f)), step=step)
-    return p
+        low, high, step = s.range(p.name, p.low, p.high, p.step)
+    except ScaleError as err:
+        raise SweepError(f"{where}: {err}") from None
+    return dataclasses.replace(p, low=low, high=high, step=step)
 
 
 def _check(spec: SweepSpec, base: C.RunConfig) -> None:

@@ -26,8 +26,6 @@ MONITORS = {"ppl_dev": "val/ppl", "bleu_dev": "val/bleu"}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "successive_halving", "none")
 CONSTRAINTS = ("fixed_compute",)
-VOLATILE = RUNTIME_FIELDS
-"""Config keys that say where a trial runs, not what it is: ignored when a study is compared to its file."""
 
 
 class SweepError(ValueError):
@@ -155,8 +153,9 @@ class SweepSpec:
         return list(itertools.product(*(p.grid_values() for p in self.params.values())))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What makes two runs of this file the same study (stored with the study, compared on load)."""
-        base = {k: v for k, v in C.flat_dict(self.base_config()).items() if k not in VOLATILE}
+        """What makes two runs of this file the same study (stored with the study, compared on load); the
+        run-time fields say where a trial runs, not what it is, so they are left out."""
+        base = {k: v for k, v in C.flat_dict(self.base_config()).items() if k not in RUNTIME_FIELDS}
         return {
             "grid": self.grid.name,
             "row": self.row,
@@ -171,12 +170,7 @@ class SweepSpec:
 
     def to_paper(self, key: str, value: Any) -> Any:
         """A trial-scale value at the paper's size (the inverse of the scale, for exported grid rows)."""
-        s = self.grid.scale(self.scale)
-        if key in G.SCALED_FIELDS:
-            return int(value) * s.divide
-        if key == "train.max_steps":
-            return max(1, round(value / s.steps))
-        return value
+        return self.grid.scale(self.scale).invert(key, value)
 
 
 # ----------------------------------------------------------------------------------------------------------
