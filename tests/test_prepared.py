@@ -110,6 +110,8 @@ def test_killed_preparation_leaves_nothing_used_and_reruns(tmp_path: Path) -> No
     while not any(p.stat().st_size for p in root.glob(".tmp-*/train.src_ids.bin")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.01)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert workers  # it encodes in worker processes
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(root.glob("*/index.json"))  # the half-written folder is not a prepared folder
@@ -117,6 +119,10 @@ def test_killed_preparation_leaves_nothing_used_and_reruns(tmp_path: Path) -> No
     folder = ensure_prepared(cfg, tokenizer_path=tmp_path / "tok.model")  # prepares again
     assert P.map_prepared(folder).index["splits"]["train"]["pairs"] == 2 * ENCODE_CHUNK
     assert not list(root.glob(".tmp-*"))  # the killed run's leftovers are gone
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # its encoding workers end too
+        assert time.monotonic() < deadline, f"workers {workers} outlived their killed parent"
+        time.sleep(0.1)
 
 
 def test_two_preparers_one_prepares_the_other_waits_and_maps(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ class TransformerLitModule(L.LightningModule):
         self._report_compile = False  # log the first step's time (compilation included)
         self._step_start = 0.0
         self._val_sums: Tensor | None = None  # (2,) float64: dev NLL and tokens, on the device
+        self._started_training = False
         self.last_val: dict[str, float] = {}
         if cfg.train.compile:
             self.compile_model()
@@ -104,6 +105,9 @@ class TransformerLitModule(L.LightningModule):
         torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
         if self._report_compile:
             self._step_start = time.perf_counter()
+        if not self._started_training:  # marks the end of a run's set-up (bench/data_scale.py times it)
+            self._started_training = True
+            log.info("first training step on rank %d", self.global_rank)
 
     def _loss(self, batch: dict[str, Tensor], epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
         """(smoothed loss sum, NLL sum, target tokens); chunked unless train.loss_chunk_tokens=null."""
@@ -215,6 +219,7 @@ class TransformerLitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
+        self._started_training = False
 
     def on_train_end(self) -> None:
         self._guard.check()

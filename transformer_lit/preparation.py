@@ -22,13 +22,15 @@ is ``data.max_len`` here). Dev and test pairs are never dropped; over-long ones 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,8 @@ from transformer_lit.tokenizer import Tokenizer, cache_path, content_key, load_o
 log = logging.getLogger(__name__)
 
 PREPARED_DIR = "prepared"
-ENCODE_CHUNK = 100_000
-"""Sentences encoded per call: bounds the transient Python lists when encoding WMT14-sized corpora."""
+ENCODE_CHUNK = 25_000
+"""Pairs per encoding task: bounds the transient Python lists, and balances the worker processes."""
 
 
 def ensure_prepared(
@@ -137,11 +139,11 @@ def _prepare(
         tokenizer = load_or_train_tokenizer(cfg, corpus, key=vocabulary_key)
     encode_started = time.perf_counter()
     folder = root / prepared_key(cfg, ckey, tokenizer.proto)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     log.info("preparing %s: encoding %d pairs on %d cores into %s", ckey, _total(corpus), cores, folder)
-    with P.staging(folder) as tmp:
+    with P.staging(folder) as tmp, Encoder(tokenizer, cores) as encoder:
         writer = P.ArrayWriter(tmp)
-        splits = {s: _encode_split(writer, tokenizer, getattr(corpus, s), s, cfg) for s in P.SPLITS}
+        splits = {s: _encode_split(writer, encoder, getattr(corpus, s), s, cfg) for s in P.SPLITS}
         for name in ("dev", "test"):
             P.write_json(tmp / P.pairs_file(name), [list(pair) for pair in getattr(corpus, name)])
         tokenizer.save(tmp / P.TOKENIZER)
@@ -175,34 +177,112 @@ def _total(corpus: Corpus) -> int:
     return len(corpus.train) + len(corpus.dev) + len(corpus.test)
 
 
-def encode_flat(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """All ids of ``texts`` concatenated (no specials) and the id count of each text, on all cores."""
-    encoded = tokenizer.encode_batch(texts)
+def encode_flat(
+    tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype, num_threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """All ids of ``texts`` concatenated (no specials) and the id count of each text."""
+    encoded = tokenizer.encode_batch(texts, num_threads=num_threads)
     lens = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lens.sum()))
     return flat, lens
 
 
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(source ids, source counts, target ids, target counts) of a chunk of pairs."""
+
+
+def encode_chunk(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], dtype: np.dtype) -> Encoded:
+    src_ids, n_src = encode_flat(tokenizer, [s for s, _ in pairs], dtype)
+    tgt_ids, n_tgt = encode_flat(tokenizer, [t for _, t in pairs], dtype)
+    return src_ids, n_src, tgt_ids, n_tgt
+
+
+class Encoder:
+    """Encodes chunks of pairs in one worker process per core, results in order, a few chunks in flight.
+
+    Processes, not sentencepiece's threads: building the Python lists of ids holds the GIL, so 2 threads
+    encode 100k Europarl sentences no faster than 1 (measured 1.93 s against 2.05 s; ``num_threads=-1``,
+    which asks for every core of the host rather than of this process, took 3.3 s). The workers are
+    spawned, not forked: a training process that prepares on first use has torch's threads running.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, workers: int) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = P.id_dtype(tokenizer.vocab_size)
+        self._pool = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(tokenizer.proto, self.dtype.str),
+            )  # fmt: skip
+            self._window = 2 * workers
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def chunks(self, pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[int, Encoded]]:
+        """(first pair's position, its chunk encoded) for consecutive chunks of ``pairs``."""
+        starts = range(0, len(pairs), ENCODE_CHUNK)
+        if self._pool is None or len(pairs) <= ENCODE_CHUNK:
+            for start in starts:
+                yield start, encode_chunk(self.tokenizer, pairs[start : start + ENCODE_CHUNK], self.dtype)
+            return
+        pending: collections.deque = collections.deque()
+        for start in starts:
+            pending.append((start, self._pool.submit(_encode_in_worker, pairs[start : start + ENCODE_CHUNK])))
+            if len(pending) >= self._window:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+
+
+_worker: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _init_worker(proto: bytes, dtype: str) -> None:
+    """Load the vocabulary once per worker, and end the worker when its parent dies (a killed preparation
+    must not leave workers encoding for nobody: they would wait on their task queue forever)."""
+    global _worker
+    _worker = (Tokenizer(proto), np.dtype(dtype))
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _encode_in_worker(pairs: Sequence[tuple[str, str]]) -> Encoded:
+    assert _worker is not None
+    return encode_chunk(_worker[0], pairs, _worker[1])
+
+
 def _encode_split(
-    writer: P.ArrayWriter, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], split: str, cfg: DataConfig
+    writer: P.ArrayWriter, encoder: Encoder, pairs: Sequence[tuple[str, str]], split: str, cfg: DataConfig
 ) -> dict[str, Any]:
     """Encode one split chunk by chunk into the writer; returns its counts for the index."""
-    dtype = P.id_dtype(tokenizer.vocab_size)
+    dtype = encoder.dtype
     is_train = split == "train"
     lens: dict[str, list[np.ndarray]] = {"src": [], "tgt": []}
     kept: list[np.ndarray] = []
     counts = {"read": len(pairs), "dropped_max_len": 0, "dropped_ratio": 0, "long": 0}
     for side in lens:  # every array exists, also for an empty split
         writer.append(f"{split}.{side}_ids", np.zeros(0, dtype=dtype), dtype)
-    for start in range(0, len(pairs), ENCODE_CHUNK):
-        chunk = pairs[start : start + ENCODE_CHUNK]
-        sides = {
-            "src": encode_flat(tokenizer, [s for s, _ in chunk], dtype),
-            "tgt": encode_flat(tokenizer, [t for _, t in chunk], dtype),
-        }
-        n_src, n_tgt = sides["src"][1], sides["tgt"][1]
+    for start, (src_ids, n_src, tgt_ids, n_tgt) in encoder.chunks(pairs):
+        sides = {"src": (src_ids, n_src), "tgt": (tgt_ids, n_tgt)}
         too_long = (n_src + 1 > cfg.max_len) | (n_tgt + 1 > cfg.max_len)  # lengths as fed: ids + EOS/BOS
-        keep = np.ones(len(chunk), dtype=bool)
+        keep = np.ones(len(n_src), dtype=bool)
         if is_train:
             keep &= ~too_long
             counts["dropped_max_len"] += int(too_long.sum())
