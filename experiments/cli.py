@@ -179,16 +179,31 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="write the synthetic corpus, or download and prepare WMT14")
+    p = sub.add_parser(
+        "data", help="prepare a corpus once for every run, download WMT14, or write the synthetic corpus"
+    )
     dsub = p.add_subparsers(dest="data_cmd", required=True, parser_class=IntermixedParser)
     s = dsub.add_parser("synth", help="write the built-in synthetic corpus as text files")
     s.add_argument("--out", required=True)
     s.add_argument("--pairs", type=int, default=None, help="training pairs (default: data.synthetic_pairs)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
-    w = dsub.add_parser("wmt14", help="download and prepare WMT14 En-De (needs internet)")
+    w = dsub.add_parser("wmt14", help="download WMT14 En-De as text files (needs internet; resumable)")
     w.add_argument("--out", required=True)
     w.set_defaults(func=cmd_data_wmt14)
+    r = dsub.add_parser(
+        "prepare",
+        help="encode a run's corpus once (vocabulary, ids, lengths) into data.cache_dir; runs map it",
+        epilog=_sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("--grid", default="table3", help="grid file or name (default: table3)")
+    r.add_argument("--row", default="base", help="row of the grid (default: base)")
+    r.add_argument("--scale", default="tiny", help="scale whose data settings to use (default: tiny)")
+    r.add_argument("--force", action="store_true", help="prepare again (replaces a damaged folder)")
+    r.add_argument("--verify", action="store_true", help="also check every file's sha256 against the index")
+    r.add_argument("overrides", nargs="*", metavar="section.field=value")
+    r.set_defaults(func=cmd_data_prepare)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -200,6 +215,31 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     cfg = C.apply_overrides(C.base(), values).data
     for path in write_synthetic(args.out, cfg):
         print(path)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """The data settings are resolved exactly as ``tlit train`` resolves them (grid row, scale, overrides)."""
+    import json
+
+    from experiments.grids import grid as G
+    from transformer_lit import prepared
+    from transformer_lit.preparation import ensure_prepared
+
+    grid = G.load_grid(args.grid)
+    overrides = dict(C.parse_override(o) for o in args.overrides)
+    cfg = grid.config(args.row, args.scale, 0, overrides)
+    folder = ensure_prepared(cfg.data, force=args.force)
+    if args.verify:
+        prepared.verify(folder)
+    index = prepared.read_index(folder)
+    sizes = sum(f.stat().st_size for f in folder.iterdir())
+    counts = ", ".join(f"{name} {s['pairs']}" for name, s in index["splits"].items())
+    checked = "; sha256 of every file checked" if args.verify else ""
+    print(f"{folder}: {counts} pairs, vocabulary {index['vocab_size']}, {sizes / 2**20:.1f} MiB{checked}")
+    dropped = {k: v for k, v in index["splits"]["train"].items() if k.startswith("dropped") and v}
+    if dropped:
+        print(f"training pairs dropped: {json.dumps(dropped)}")
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 from transformer_lit import prepared as P
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import CorpusError, corpus_key, write_synthetic
-from transformer_lit.preparation import ENCODE_CHUNK, ensure_prepared
+from transformer_lit.preparation import ENCODE_CHUNK, POOL_MIN_PAIRS, ensure_prepared
 from transformer_lit.tokenizer import sample_training_text, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,8 @@ def test_max_len_and_ratio_filter_train_only(tmp_path: Path) -> None:
 
 
 def test_killed_preparation_leaves_nothing_used_and_reruns(tmp_path: Path) -> None:
-    cfg = text_corpus(tmp_path, copies=2 * ENCODE_CHUNK // 400)  # two encoding chunks: time to kill it
+    copies = (POOL_MIN_PAIRS + ENCODE_CHUNK) // 400  # big enough for worker processes, and time to kill it
+    cfg = text_corpus(tmp_path, copies=copies)
     tok = train_tokenizer(sample_training_text([("a b c d e f g h", "i j k l m n o p")] * 10), 40)
     tok.save(tmp_path / "tok.model")
     proc = start_preparing(cfg, tmp_path / "tok.model")
@@ -117,7 +118,7 @@ def test_killed_preparation_leaves_nothing_used_and_reruns(tmp_path: Path) -> No
     assert not list(root.glob("*/index.json"))  # the half-written folder is not a prepared folder
     assert list(root.glob(".tmp-*"))
     folder = ensure_prepared(cfg, tokenizer_path=tmp_path / "tok.model")  # prepares again
-    assert P.map_prepared(folder).index["splits"]["train"]["pairs"] == 2 * ENCODE_CHUNK
+    assert P.map_prepared(folder).index["splits"]["train"]["pairs"] == copies * 400
     assert not list(root.glob(".tmp-*"))  # the killed run's leftovers are gone
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in workers):  # its encoding workers end too
@@ -204,3 +205,56 @@ def test_too_large_vocabulary_is_one_line_naming_the_files(tmp_path: Path, caplo
     warnings = [r.getMessage() for r in caplog.records if "data.vocab_size=37000" in r.getMessage()]
     assert len(warnings) == 1 and str(tmp_path / "train.en") in warnings[0]
     assert P.map_prepared(folder).index["vocab_size"] < 37000  # what the corpus supports, used as it is
+
+
+# -- the harness: `tlit data prepare`, and preparing before any job starts ---------------------------------
+def test_cli_prepare_verify_and_force(tmp_path: Path, capsys) -> None:
+    from experiments.cli import main
+
+    cfg = text_corpus(tmp_path)
+    args = ["data", "prepare", f"data.train=[{cfg.train[0]}]", f"data.dev={cfg.dev}", f"data.test={cfg.test}"]
+    args += ["data.corpus=text", "data.vocab_size=120", f"data.cache_dir={cfg.cache_dir}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    folder = Path(printed.split(":")[0])
+    assert (folder / P.INDEX).is_file() and "train 400" in printed
+    target = folder / "dev.src_ids.bin"
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0xFF
+    target.write_bytes(data)
+    assert main([*args, "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(target) in err and "--force" in err
+    assert main([*args, "--force", "--verify"]) == 0
+
+
+def test_prepare_for_prepares_each_data_setting_once(tmp_path: Path, capsys) -> None:
+    import dataclasses
+    import io
+
+    from experiments.runs.prepare import prepare_for
+    from transformer_lit.config import RunConfig
+
+    data = text_corpus(tmp_path)
+    configs = [
+        RunConfig(data=data),
+        RunConfig(data=dataclasses.replace(data, num_workers=2)),  # how it is loaded: the same data
+        RunConfig(data=dataclasses.replace(data, max_len=20)),
+    ]
+    out = io.StringIO()
+    folders = prepare_for(configs, out)
+    assert len(folders) == 2 == out.getvalue().count("data ready in") and folders[0] != folders[1]
+    assert all((f / P.INDEX).is_file() for f in folders)
+
+
+def test_grid_without_its_data_fails_before_any_job_in_one_line(tmp_path: Path, capsys) -> None:
+    from experiments.cli import main
+
+    runs = tmp_path / "runs"
+    code = main(
+        ["grid", "run", "table3", "--scale", "small", "--rows", "base", "--runs", str(runs),
+         f"data.cache_dir={tmp_path / 'cache'}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "tlit data wmt14 --out" in err
+    assert not runs.exists()  # no job started, no run folder made

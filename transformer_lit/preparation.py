@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 PREPARED_DIR = "prepared"
 ENCODE_CHUNK = 25_000
 """Pairs per encoding task: bounds the transient Python lists, and balances the worker processes."""
+POOL_MIN_PAIRS = 4 * ENCODE_CHUNK
+"""Smaller splits are encoded in this process (the synthetic corpus: 0.3 s, less than starting workers)."""
 
 
 def ensure_prepared(
@@ -209,16 +211,20 @@ class Encoder:
     def __init__(self, tokenizer: Tokenizer, workers: int) -> None:
         self.tokenizer = tokenizer
         self.dtype = P.id_dtype(tokenizer.vocab_size)
-        self._pool = None
-        if workers > 1:
+        self.workers = workers
+        self._pool: Any = None
+
+    def _start_pool(self) -> Any:
+        """The worker processes, started for the first split big enough to repay their start (~0.5 s)."""
+        if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             self._pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                initargs=(tokenizer.proto, self.dtype.str),
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(self.tokenizer.proto, self.dtype.str),
             )  # fmt: skip
-            self._window = 2 * workers
+        return self._pool
 
     def __enter__(self) -> Encoder:
         return self
@@ -230,14 +236,15 @@ class Encoder:
     def chunks(self, pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[int, Encoded]]:
         """(first pair's position, its chunk encoded) for consecutive chunks of ``pairs``."""
         starts = range(0, len(pairs), ENCODE_CHUNK)
-        if self._pool is None or len(pairs) <= ENCODE_CHUNK:
+        if self.workers < 2 or len(pairs) <= POOL_MIN_PAIRS:
             for start in starts:
                 yield start, encode_chunk(self.tokenizer, pairs[start : start + ENCODE_CHUNK], self.dtype)
             return
+        pool = self._start_pool()
         pending: collections.deque = collections.deque()
         for start in starts:
-            pending.append((start, self._pool.submit(_encode_in_worker, pairs[start : start + ENCODE_CHUNK])))
-            if len(pending) >= self._window:
+            pending.append((start, pool.submit(_encode_in_worker, pairs[start : start + ENCODE_CHUNK])))
+            if len(pending) >= 2 * self.workers:
                 first, future = pending.popleft()
                 yield first, future.result()
         while pending:

@@ -22,6 +22,7 @@ from experiments.grids import grid as G
 from experiments.launchers import base as B
 from experiments.runs import locks
 from experiments.runs import run as R
+from experiments.runs.prepare import prepare_for
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
 
@@ -283,10 +284,15 @@ def run_grid(
     *,
     live: bool | None = None,
 ) -> int:
-    """Run what is left of ``specs`` with ``launcher``, showing progress on ``out``; returns the exit code."""
+    """Run what is left of ``specs`` with ``launcher``, showing progress on ``out``; returns the exit code.
+
+    The runs' data is prepared first, here (on SLURM: on the submitting node, before the array is
+    submitted); missing data stops the grid before any job starts (``experiments.runs.prepare``)."""
     jobs, skipped = grid_jobs(specs, grid_path, overrides, launcher)
     if skipped:
         print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
+    to_run = {job.name for job in jobs}
+    prepare_for((spec.config for spec in specs if spec.name in to_run), out)  # before any job starts
     results = {r.name: r for r in skipped}
     if jobs:
         with GridDisplay(jobs, out, live=live) as display:

@@ -6,6 +6,11 @@ failure ``retries`` times, and marks a run failed with its log tail. On preempti
 USR2; submitit then calls ``TrainTask.checkpoint``, which stops the training process, releases the lock and
 resubmits the task: the run resumes from its last checkpoint (``checkpoints/last.ckpt``).
 
+Data: ``tlit grid run`` prepares every run's data on the submitting node before this launcher submits
+the array (``experiments.runs.prepare``), so tasks only map it; ``data.cache_dir`` (default
+``results/cache``, relative to the folder the jobs run in) must be on a filesystem every node sees. A run
+whose data is missing fails there, in one line, before anything is submitted.
+
 The cluster is always chosen explicitly: submitit's AutoExecutor would pick SLURM whenever an ``sbatch``
 binary exists (docs/DESIGN.md field notes). ``cluster="slurm"`` submits for real; ``"local"`` and ``"debug"``
 run the same tasks on this machine (tests). ``sbatch_script`` renders the exact sbatch text that would

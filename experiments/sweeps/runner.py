@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
+from experiments.runs.prepare import prepare_for
 from experiments.sweeps import storage as sweep_storage
 from experiments.sweeps.space import SweepError, SweepSpec, make_pruner, make_sampler
 from experiments.sweeps.trials import PRUNED, STANDIN_ENV, Objective, make_objective, trial_dir
@@ -366,6 +367,7 @@ def run_sweep(
     )
     sweep_storage.check_storage(storage)
     study = open_study(spec, storage)
+    prepare_for([spec.base_config()], out)  # before any worker starts (the file's overrides are in spec)
     if out is not None:
         print(f"{progress_line(spec, study)}; storage {storage}", file=out, flush=True)
     codes = [0]
