@@ -44,6 +44,14 @@ class IntermixedParser(argparse.ArgumentParser):
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLossError, LockBusy)
 
 
+def os_error_line(err: OSError) -> str:
+    """``/ro/runs/table3: Read-only file system``: the path first, then why (OSError's own text puts an
+    ``[Errno 30]`` first and may leave the path out)."""
+    what = err.strerror or str(err)
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(map(str, paths))}: {what}" if paths else what
+
+
 def _sections_help() -> str:
     lines = ["config sections (override any field as section.field=value):"]
     for name, cls in C.SECTIONS.items():
@@ -263,6 +271,11 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results", help="where <grid>-<scale>.md/.csv/.tex and plots go")
     p.add_argument("--format", default="md,csv,tex", help="comma list of md, csv, tex (default: all)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a table that holds more complete runs than the new one (refused otherwise)",
+    )
     p.set_defaults(func=cmd_table)
 
 
@@ -277,6 +290,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         out=args.out,
         formats=args.format,
         plots=not args.no_plots,
+        force=args.force,
     )
     print(result.markdown, end="")
     for path in result.files:
@@ -530,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"tlit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable path or a full disk: name the path, no traceback
+        if args.verbose:
+            raise
+        print(f"tlit {args.command}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

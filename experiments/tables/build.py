@@ -17,8 +17,10 @@ import importlib.resources
 import io
 import logging
 import math
+import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,12 +326,76 @@ class TableResult:
     files: list[Path]
 
 
+class TableOverwriteError(ValueError):
+    """The new table has fewer complete runs than the file it would replace (``--force`` replaces it)."""
+
+
 def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
     items = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
     bad = [f for f in items if f not in FORMATS] or ([] if items else ["''"])
     if bad:
         raise ValueError(f"--format must be a comma list of {', '.join(FORMATS)}; got {bad[0]!r}")
     return items
+
+
+def complete_runs(table: Table) -> int:
+    """Complete runs in the table: the sum of its ``seeds`` column (complete seeds per row)."""
+    return int(table.frame["seeds"].sum())
+
+
+def complete_runs_in_csv(path: Path) -> int | None:
+    """Complete runs recorded in a table's CSV, from its ``status`` and ``seeds`` columns (a row whose status
+    names no complete run counts 0); None when there is no such file. The Markdown is never parsed."""
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_csv(path, usecols=["status", "seeds"], dtype={"status": str})
+        counted = frame["status"].fillna("").str.contains(r"\bcomplete\b", regex=True)
+        return int(frame.loc[counted, "seeds"].astype(int).sum())
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        reason = " ".join(str(err).split())[:100]
+        raise TableOverwriteError(
+            f"{path}: cannot count its complete runs ({reason}); pass --force to replace it"
+        ) from None
+
+
+def check_overwrite(table: Table, csv_path: Path, source: str) -> None:
+    """Refuse to replace a table that holds more complete runs than the new one (an empty or wrong --runs
+    would otherwise overwrite committed results with "missing" rows)."""
+    old = complete_runs_in_csv(csv_path)
+    new = complete_runs(table)
+    if old is not None and new < old:
+        raise TableOverwriteError(
+            f"{csv_path} holds {old} complete runs, the new table only {new} (from {source}); "
+            "pass --force to replace it"
+        )
+
+
+def publish(files: dict[Path, bytes], stale: Sequence[Path] = ()) -> None:
+    """Write every file, or none: each goes to a temporary name beside its target (fsynced), and only when
+    all are written are they renamed into place; then ``stale`` files (outputs of an earlier call that this
+    one no longer makes, e.g. a curves plot without curves) are removed."""
+    temps: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temps[path] = tmp
+            try:
+                with tmp.open("wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as err:  # name the file (a full disk's error names none), nothing replaced
+                raise OSError(err.errno, f"{err.strerror}; no output was replaced", str(path)) from None
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
+        os.replace(tmp, path)
+    for path in stale:
+        if path not in files:
+            path.unlink(missing_ok=True)
 
 
 def make_table(
@@ -342,9 +408,13 @@ def make_table(
     formats: str | list[str] | tuple[str, ...] = FORMATS,
     plots: bool = True,
     significance: bool = True,
+    force: bool = False,
 ) -> TableResult:
     """Read the runs of one grid at one scale (run folders, or W&B with ``wandb="ENTITY/PROJECT"``), write
-    ``<out>/<grid>-<scale>.md/.csv/.tex`` and the PNG plots beside them, and return the Markdown."""
+    ``<out>/<grid>-<scale>.md/.csv/.tex`` and the PNG plots beside them, and return the Markdown.
+
+    All outputs are written together or not at all (``publish``). Unless ``force``, a table with fewer
+    complete runs than the ``<grid>-<scale>.csv`` already in ``out`` is refused (``check_overwrite``)."""
     fmts = parse_formats(formats)
     grid = load_grid(grid_name)
     scale = scale or grid.default_scale
@@ -357,16 +427,24 @@ def make_table(
     cache = Path(runs_root) / grid.name / scale / SIGNIFICANCE_CACHE
     table = build_table(grid, scale, records, significance=significance and not wandb, cache=cache)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{grid.name}-{scale}"
-    images: list[Path] = []
+    if not force:
+        check_overwrite(table, out / f"{stem}.csv", f"W&B {wandb}" if wandb else str(runs_root))
+    images: dict[str, bytes] = {}
     if plots:
-        from experiments.tables.plots import make_plots  # matplotlib costs ~0.5 s to import
+        from experiments.tables.plots import render_plots  # matplotlib costs ~0.5 s to import
 
-        images = make_plots(table, out, stem)
-    markdown = render_markdown(table, images=[p.name for p in images])
+        images = render_plots(table, stem)
+    markdown = render_markdown(table, images=list(images))
     render = {"md": lambda: markdown, "csv": lambda: render_csv(table), "tex": lambda: render_latex(table)}
-    files = [out / f"{stem}.{fmt}" for fmt in fmts]
-    for fmt, path in zip(fmts, files, strict=True):
-        path.write_text(render[fmt]())
-    return TableResult(table, markdown, files + images)
+    files = {out / f"{stem}.{fmt}": render[fmt]().encode() for fmt in fmts}
+    files |= {out / name: data for name, data in images.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    publish(files, stale=_plot_paths(out, stem) if plots else ())
+    return TableResult(table, markdown, list(files))
+
+
+def _plot_paths(out: Path, stem: str) -> list[Path]:
+    from experiments.tables.plots import PLOTS, plot_name
+
+    return [out / plot_name(stem, suffix) for suffix in PLOTS]

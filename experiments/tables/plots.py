@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,26 +29,33 @@ def _pyplot() -> Any:
     return plt
 
 
-def make_plots(table: Table, out: Path, stem: str) -> list[Path]:
-    """Write the three figures; return their paths (a figure with nothing to show is skipped)."""
+PLOTS = ("ppl-change", "ppl-vs-params", "curves")
+"""The figures' name suffixes: ``<stem>-<suffix>.png``."""
+
+
+def plot_name(stem: str, suffix: str) -> str:
+    return f"{stem}-{suffix}.png"
+
+
+def render_plots(table: Table, stem: str) -> dict[str, bytes]:
+    """The three figures as PNG bytes by file name (a figure with nothing to show is left out). Nothing is
+    written here: ``tlit table`` writes every output of one call together, or none."""
+    import io
+
     plt = _pyplot()
-    paths = []
-    for suffix, draw in (
-        ("ppl-change", plot_ppl_change),
-        ("ppl-vs-params", plot_ppl_vs_params),
-        ("curves", plot_curves),
-    ):
-        fig = draw(table, plt)
+    draw = {"ppl-change": plot_ppl_change, "ppl-vs-params": plot_ppl_vs_params, "curves": plot_curves}
+    images = {}
+    for suffix in PLOTS:
+        fig = draw[suffix](table, plt)
         if fig is None:
             log.info("%s: nothing to plot for %s", stem, suffix)
             continue
-        path = out / f"{stem}-{suffix}.png"
-        fig.savefig(
-            path, dpi=DPI
-        )  # margins set by hand: bbox_inches="tight" and tight_layout cost a draw each
+        buffer = io.BytesIO()
+        # margins set by hand: bbox_inches="tight" and tight_layout cost a draw each
+        fig.savefig(buffer, format="png", dpi=DPI)
         plt.close(fig)
-        paths.append(path)
-    return paths
+        images[plot_name(stem, suffix)] = buffer.getvalue()
+    return images
 
 
 def plot_ppl_change(table: Table, plt: Any) -> Any:
