@@ -396,6 +396,11 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
     )
     if args.launcher == "slurm":
         launcher.wait = not args.no_wait
+    else:
+        from experiments.launchers.local import check_accelerator
+
+        for spec in specs:
+            check_accelerator(launcher.slots, spec.config.train.accelerator)
     where = getattr(launcher, "slots", args.launcher)
     print(f"{grid.name}/{specs[0].scale}: {len(specs)} runs on {where}, retries {args.retries}")
     return gridrun.run_grid(specs, grid.path.resolve(), overrides, launcher, sys.stdout)

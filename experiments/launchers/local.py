@@ -100,26 +100,52 @@ def parse_devices(spec: str) -> Slots:
             n = cpu_count()
         elif rest.isdigit() and int(rest) > 0:
             n = int(rest)
+            _warn_oversubscribed(spec, n)
         else:
             raise bad
         return Slots("cpu", tuple(f"cpu{i}" for i in range(n)))
     if kind in ("cuda", "gpu") and rest:
-        gpus = visible_gpus()
-        if rest == "all":
-            if not gpus:
-                raise ValueError(f"--devices {spec!r}: no GPU is visible here; use cpu:N or cpu:all")
-            return Slots("cuda", tuple(gpus))
         ids = [i.strip() for i in rest.split(",")]
-        if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
+        if rest != "all" and (not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids)):
             raise bad
-        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-            if max(int(i) for i in ids) >= len(gpus):
-                raise ValueError(
-                    f"--devices {spec!r}: only {len(gpus)} GPU(s) visible (CUDA_VISIBLE_DEVICES)"
-                )
-            ids = [gpus[int(i)] for i in ids]
-        return Slots("cuda", tuple(ids))
+        gpus = visible_gpus()
+        if not gpus:  # cuda:0 as much as cuda:all: never train on CPU what was asked of a GPU
+            raise ValueError(R.no_gpu_message(f"--devices {spec!r}", "cpu:N or cpu:all"))
+        if rest == "all":
+            return Slots("cuda", tuple(gpus))
+        if max(int(i) for i in ids) >= len(gpus):
+            where = (
+                "CUDA_VISIBLE_DEVICES" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else "nvidia-smi"
+            )
+            raise ValueError(f"--devices {spec!r}: only {len(gpus)} GPU(s) visible ({where})")
+        return Slots("cuda", tuple(gpus[int(i)] for i in ids))
     raise bad
+
+
+_warned: set[str] = set()
+
+
+def _warn_oversubscribed(spec: str, workers: int) -> None:
+    """Once per spec: more 1-thread workers than cores share them, and each run slows down."""
+    cores = cpu_count()
+    if workers > cores and spec not in _warned:
+        _warned.add(spec)
+        log.warning(
+            "--devices %s: %d CPU workers but %d core(s) here; they will share cores and each run slower "
+            "(cpu:all gives one per core)",
+            spec,
+            workers,
+            cores,
+        )
+
+
+def check_accelerator(slots: Slots, accelerator: str) -> None:
+    """``train.accelerator=gpu`` on CPU slots would be overridden to CPU by the launcher: refuse instead."""
+    if accelerator in ("gpu", "cuda") and slots.kind == "cpu":
+        what = f"train.accelerator={accelerator!r}"
+        if not visible_gpus():
+            raise ValueError(R.no_gpu_message(what, "train.accelerator=cpu or auto"))
+        raise ValueError(f"{what} but --devices {slots} gives CPU slots; use --devices cuda:all or cuda:ID")
 
 
 def _pidfd(pid: int) -> int | None:

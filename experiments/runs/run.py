@@ -82,6 +82,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def no_gpu_message(what: str, instead: str) -> str:
+    """The one line of every GPU request on a machine without one (``--devices cuda:...``,
+    ``train.accelerator=gpu``)."""
+    return f"{what}: no GPU is visible here; use {instead}"
+
+
 def check_or_write_config(run_dir: Path, cfg: C.RunConfig) -> None:
     """First run: write config.yaml. Later runs: it must be the same config (up to RUNTIME_FIELDS, which are
     updated), or the folder is refused."""
@@ -165,9 +171,10 @@ def train(
     if done is not None and done.get("status") == "complete":
         log.info("%s is already complete; nothing to do", run_dir)
         return done
-    check_or_write_config(run_dir, cfg)
-    from experiments.runs.trainer import fit_and_evaluate  # torch and Lightning only once there is work
+    from experiments.runs.trainer import check_accelerator, fit_and_evaluate  # torch only once there is work
 
+    check_accelerator(cfg)
+    check_or_write_config(run_dir, cfg)
     summary = fit_and_evaluate(cfg, run_dir, info, callbacks or [])
     if summary is not None:
         summary.update(git_sha=git_sha(), versions=versions())

@@ -40,6 +40,16 @@ def _world_size(cfg: C.RunConfig) -> int:
     return cfg.train.devices * int(os.environ.get("SLURM_NNODES", os.environ.get("NUM_NODES", "1")))
 
 
+def check_accelerator(cfg: C.RunConfig) -> None:
+    """``train.accelerator=gpu`` without a GPU: one line before anything is written (Lightning's own error is
+    a 33-line traceback)."""
+    accelerator = cfg.train.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            R.no_gpu_message(f"train.accelerator={accelerator!r}", "train.accelerator=cpu or auto")
+        )
+
+
 def build_trainer(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: list[Any]) -> L.Trainer:
     t = cfg.train
     accumulate = R.accumulation(cfg, _world_size(cfg))
