@@ -73,8 +73,8 @@ class NoEOS(nn.Module):
     def encode(self, src: Tensor):
         return self.model.encode(src)
 
-    def init_cache(self, memory: Tensor, src_pad_mask: Tensor):
-        return self.model.init_cache(memory, src_pad_mask)
+    def init_cache(self, memory: Tensor, src_pad_mask: Tensor, **kw):
+        return self.model.init_cache(memory, src_pad_mask, **kw)
 
     def decode_step(self, tokens: Tensor, cache) -> Tensor:
         logits = self.model.decode_step(tokens, cache)  # (rows, V)

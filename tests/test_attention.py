@@ -185,6 +185,26 @@ def test_kv_cache_reorder_with_repeated_rows() -> None:
     torch.testing.assert_close(torch.cat(out, dim=1), full[:, 3:], atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_reorder_swaps_two_buffers_and_copies_only_the_filled_positions() -> None:
+    """Beam search reorders at every step: with a fixed row count the two buffers take turns (no allocation),
+    and positions past the cached length are never copied."""
+    cache = KVCache(capacity=6)
+    k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 7)  # (b, h, n, d_k), (b, h, n, d_v)
+    with torch.inference_mode():
+        cache.append(k, v)
+        first = cache.k.data_ptr()
+        cache.reorder(torch.tensor([2, 0, 0]))
+        second = cache.k.data_ptr()
+        cache.reorder(torch.tensor([1, 1, 2]))  # rows 1, 1, 2 of [2, 0, 0] = original 0, 0, 0
+        assert cache.k.data_ptr() == first != second
+        torch.testing.assert_close(cache.k[:, :, :4], k[[0, 0, 0]], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[:, :, :4], v[[0, 0, 0]], rtol=0, atol=0)
+        cache.reorder(torch.tensor([0, 2]))  # fewer rows (finished sentences leave): new buffers
+        assert cache.k.shape == (2, 2, 6, 5) and cache.length == 4
+        k_all, _ = cache.append(torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 7))
+        torch.testing.assert_close(k_all[:, :, :4], k[[0, 0]], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_causal_queries_aligned_to_the_last_keys(padded: bool) -> None:
     """With t < s queries, causal means the queries are the last t positions (cached decoding of n tokens)."""

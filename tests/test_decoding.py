@@ -140,6 +140,22 @@ def test_early_stop_is_exact(trained: Transformer) -> None:
         assert [h.score for h in stopped] == pytest.approx([h.score for h in full], abs=1e-6)
 
 
+def test_looking_at_finished_sentences_less_often_changes_no_hypothesis(trained: Transformer) -> None:
+    """check_every > 1 keeps finished sentences in the batch, frozen, for a few steps: the same hypotheses,
+    scores equal up to float rounding (other rows in the batch can change a matmul's summation order)."""
+    src = reversal_batch(torch.Generator().manual_seed(4), 24)[0]
+    for alpha, early_stop in ((0.6, True), (0.0, True), (0.6, False)):
+        kw = dict(beam_size=4, alpha=alpha, max_len_b=6, early_stop=early_stop)
+        every_step = beam_search(trained, src, **kw)
+        for check_every in (2, 5, 1000):
+            lagged = beam_search(trained, src, check_every=check_every, **kw)
+            assert tokens(lagged) == tokens(every_step)
+            assert [h.score for h in lagged] == pytest.approx([h.score for h in every_step], abs=1e-5)
+            assert [h.logprob for h in lagged] == pytest.approx([h.logprob for h in every_step], abs=1e-5)
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        beam_search(trained, src, check_every=0)
+
+
 @pytest.mark.parametrize("max_len_b", [0, 1, 4])
 def test_hypotheses_never_exceed_max_length(max_len_b: int) -> None:
     # an untrained model rarely says EOS, so hypotheses run into the limit

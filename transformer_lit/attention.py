@@ -101,7 +101,12 @@ class KVCache:
     """Keys and values of one decoder self-attention layer, growing by one position per decoding step.
 
     Storage is allocated on the first append (with the dtype the projections produce, e.g. bf16 under
-    autocast) and doubled when full, so a step writes in place instead of concatenating.
+    autocast) with room for ``capacity`` positions; a search that knows its longest output passes that, so
+    no step ever reallocates (otherwise the storage doubles when full). A step writes in place.
+
+    Beam search reorders the rows at every step. :meth:`reorder` copies only the filled positions, into a
+    second buffer of the same shape that is kept and swapped (no allocation while the row count stays):
+    copying the whole capacity, or allocating (page faults on CPU), cost ~5x more at paper-base.
 
     Attributes:
         length: Positions cached so far (L).
@@ -110,6 +115,7 @@ class KVCache:
     def __init__(self, *, capacity: int = 64):
         self.k: Tensor | None = None  # (b, h, capacity, d_k)
         self.v: Tensor | None = None  # (b, h, capacity, d_v)
+        self._spare: tuple[Tensor, Tensor] | None = None  # the other buffers of reorder, same shapes
         self.capacity = capacity
         self.length = 0
 
@@ -124,6 +130,7 @@ class KVCache:
             self.capacity = max(2 * self.capacity, end)
             self.k = self._grow(self.k)
             self.v = self._grow(self.v)
+            self._spare = None
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
@@ -136,9 +143,24 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (b',), which may repeat rows (beam expansion)."""
-        if self.k is not None and self.v is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+        if self.k is None or self.v is None:
+            return
+        if torch.is_grad_enabled() and (self.k.requires_grad or self.v.requires_grad):  # out= has no autograd
+            self.k, self.v, self._spare = self.k.index_select(0, index), self.v.index_select(0, index), None
+            return
+        rows = index.size(0)
+        if self._spare is None or self._spare[0].size(0) != rows:
+            self._spare = (
+                self.k.new_empty(rows, *self.k.shape[1:]),  # (b', h, capacity, d_k)
+                self.v.new_empty(rows, *self.v.shape[1:]),  # (b', h, capacity, d_v)
+            )
+        new_k, new_v = self._spare
+        filled = slice(0, self.length)
+        torch.index_select(self.k[:, :, filled], 0, index, out=new_k[:, :, filled])
+        torch.index_select(self.v[:, :, filled], 0, index, out=new_v[:, :, filled])
+        same_rows = self.k.size(0) == rows  # keep the old buffers as the next spare only if they fit
+        self._spare = (self.k, self.v) if same_rows else None
+        self.k, self.v = new_k, new_v
 
 
 class _HeadsMixin:

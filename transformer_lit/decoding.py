@@ -30,6 +30,13 @@ input length + 50, terminating early when possible. Conventions here:
 Finished sentences leave the batch (the cache keeps only live rows), so a batch costs what its unfinished
 sentences need. Everything runs under ``torch.inference_mode()`` on the model's device; under
 ``torch.autocast`` the model computes in bf16 while scores are accumulated in float32.
+
+What a beam-search step leaves to the host, and what it does not (on a GPU, every read of a device value
+makes the host wait for the queued kernels): the best finished hypotheses are kept on the device without
+branching on device values; the token rules are device tensors made once; the self-attention caches are
+allocated once for the longest output, and a beam reorder copies only their filled positions into a
+second buffer, leaving the per-sentence encoder keys/values alone. What remains is one read every
+``check_every`` steps (which sentences are finished), and the loop over steps itself.
 """
 
 from __future__ import annotations
@@ -83,14 +90,15 @@ def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
 class _Stepper(Protocol):
     def step(self, tokens: Tensor) -> Tensor: ...
     def reorder(self, index: Tensor) -> None: ...
+    def reorder_beams(self, index: Tensor) -> None: ...
 
 
 class _CachedStepper:
     """Each step feeds one token per row; keys/values of earlier positions come from the cache."""
 
-    def __init__(self, model: Transformer, memory: Tensor, src_pad_mask: Tensor):
+    def __init__(self, model: Transformer, memory: Tensor, src_pad_mask: Tensor, capacity: int):
         self.model = model
-        self.cache = model.init_cache(memory, src_pad_mask)
+        self.cache = model.init_cache(memory, src_pad_mask, capacity=capacity)
 
     def step(self, tokens: Tensor) -> Tensor:
         return self.model.decode_step(tokens, self.cache)  # (rows, V)
@@ -98,11 +106,14 @@ class _CachedStepper:
     def reorder(self, index: Tensor) -> None:
         self.cache.reorder(index)
 
+    def reorder_beams(self, index: Tensor) -> None:
+        self.cache.reorder_beams(index)
+
 
 class _FullStepper:
     """Each step re-runs the decoder over the whole prefix (reference for tests and the benchmark)."""
 
-    def __init__(self, model: Transformer, memory: Tensor, src_pad_mask: Tensor):
+    def __init__(self, model: Transformer, memory: Tensor, src_pad_mask: Tensor, capacity: int):
         self.model, self.memory, self.src_pad_mask = model, memory, src_pad_mask
         self.prefix = torch.empty(memory.size(0), 0, dtype=torch.long, device=memory.device)  # (rows, 0)
 
@@ -111,14 +122,18 @@ class _FullStepper:
         return self.model.decode(self.prefix, self.memory, self.src_pad_mask)[:, -1]  # (rows, V)
 
     def reorder(self, index: Tensor) -> None:
-        self.prefix = self.prefix.index_select(0, index)
+        self.reorder_beams(index)
         self.memory = self.memory.index_select(0, index)
         self.src_pad_mask = self.src_pad_mask.index_select(0, index)
 
+    def reorder_beams(self, index: Tensor) -> None:
+        self.prefix = self.prefix.index_select(0, index)
 
-def _start(model: Transformer, src: Tensor, use_cache: bool) -> _Stepper:
+
+def _start(model: Transformer, src: Tensor, use_cache: bool, capacity: int) -> _Stepper:
+    """Encode ``src`` and return the stepper; ``capacity``: decoder positions the search may need."""
     memory, src_pad_mask = model.encode(src)  # (B, s, d_model), (B, s)
-    return (_CachedStepper if use_cache else _FullStepper)(model, memory, src_pad_mask)
+    return (_CachedStepper if use_cache else _FullStepper)(model, memory, src_pad_mask, capacity)
 
 
 def position_limit(model: Transformer) -> int | None:
@@ -137,17 +152,28 @@ def max_lengths(model: Transformer, src: Tensor, max_len_b: int) -> Tensor:
     return lengths
 
 
-def _next_logprobs(stepper: _Stepper, tokens: Tensor, never: list[int]) -> Tensor:
-    """Log-probabilities (float32) of the next token; PAD and BOS, never targets, are never produced."""
-    logp = F.log_softmax(stepper.step(tokens).float(), dim=-1)  # (rows, V)
-    logp[:, never] = float("-inf")
-    return logp
+class _TokenRules:
+    """The token rules of every step, as device tensors made once per search: a per-step Python index list
+    would be uploaded to the device at every step.
 
+    PAD and BOS, never training targets, are never produced; a row at its max length may only end (EOS).
+    """
 
-def _force_eos(logp: Tensor, rows: Tensor, eos_id: int) -> Tensor:
-    """Only EOS stays possible in ``rows`` (bool, (rows,)): they reached their max length."""
-    blocked = rows[:, None] & (torch.arange(logp.size(1), device=logp.device) != eos_id)  # (rows, V)
-    return logp.masked_fill_(blocked, float("-inf"))
+    def __init__(self, device: torch.device, *, pad_id: int, bos_id: int, eos_id: int):
+        self.never = torch.tensor([pad_id, bos_id], device=device)  # (2,)
+        self.eos_id = eos_id
+        self._not_eos: Tensor | None = None  # (V,) bool, made at the first step (V is known there)
+
+    def logprobs(self, stepper: _Stepper, tokens: Tensor) -> Tensor:
+        """Log-probabilities (float32) of the next token, (rows, V)."""
+        logp = F.log_softmax(stepper.step(tokens).float(), dim=-1)  # (rows, V)
+        return logp.index_fill_(1, self.never, float("-inf"))
+
+    def force_eos(self, logp: Tensor, rows: Tensor) -> Tensor:
+        """Only EOS stays possible in ``rows`` (bool, (rows,)): they reached their max length."""
+        if self._not_eos is None:
+            self._not_eos = torch.arange(logp.size(1), device=logp.device).ne(self.eos_id)  # (V,)
+        return logp.masked_fill_(rows[:, None] & self._not_eos, float("-inf"))  # (rows, V)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,19 +206,19 @@ def greedy_search(
         One Hypothesis per source row, in order.
     """
     batch = src.size(0)
-    never = [model.pad_id, bos_id]
-    stepper = _start(model, src, use_cache)
+    rules = _TokenRules(src.device, pad_id=model.pad_id, bos_id=bos_id, eos_id=eos_id)
     limits = max_lengths(model, src, max_len_b)  # (B,)
     longest, shortest = int(limits.max()), int(limits.min())
+    stepper = _start(model, src, use_cache, capacity=longest + 1)
     alive = torch.arange(batch, device=src.device)  # original row of each live row
     tokens = torch.full((batch,), bos_id, dtype=torch.long, device=src.device)  # (n,)
     logprob = torch.zeros(batch, dtype=torch.float32, device=src.device)  # (n,)
     history = torch.zeros(batch, longest + 1, dtype=torch.long, device=src.device)  # (n, T+1)
     out: list[Hypothesis | None] = [None] * batch
     for t in range(longest + 1):
-        logp = _next_logprobs(stepper, tokens, never)  # (n, V)
+        logp = rules.logprobs(stepper, tokens)  # (n, V)
         if t >= shortest:
-            logp = _force_eos(logp, limits.eq(t), eos_id)
+            logp = rules.force_eos(logp, limits.eq(t))
         step_lp, tokens = logp.max(dim=-1)  # (n,), (n,)
         logprob += step_lp
         history[:, t] = tokens
@@ -225,8 +251,15 @@ def beam_search(
     eos_id: int = EOS_ID,
     use_cache: bool = True,
     early_stop: bool = True,
+    check_every: int = 1,
 ) -> list[Hypothesis]:
     """Batched beam search with the GNMT length penalty and exact early stopping (see the module doc).
+
+    A step reads nothing back to the host except, every ``check_every`` steps, which sentences are
+    finished: the best finished hypothesis of each sentence is kept on the device (``torch.where``, no
+    branch on a device value), and a finished sentence is frozen until the host looks, when it leaves the
+    batch (and the search ends once none is left). On a GPU each look makes the host wait for the queued
+    kernels; on a CPU it costs nothing.
 
     Args:
         model: the Transformer (its dropout should be off: call ``model.eval()``).
@@ -239,19 +272,27 @@ def beam_search(
         use_cache: cached keys/values (one position per step) or full recomputation of the prefix.
         early_stop: stop a sentence once no live beam can beat its best finished hypothesis (exact, so
             False changes only the time taken; the tests check that).
+        check_every: steps between the host's looks at the finished sentences. 1 drops a sentence as soon
+            as it is finished; a larger value waits less often but decodes finished sentences a few steps
+            longer (not yet measured on a GPU). The hypotheses are the same (tested); scores may differ
+            in the last float bits, since other rows in the decoder batch can change a matmul's
+            summation order (as another batch size does).
 
     Returns:
         The best finished Hypothesis per source row, in order.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size!r}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every!r}")
     batch, k, device = src.size(0), beam_size, src.device
-    never = [model.pad_id, bos_id]
-    stepper = _start(model, src, use_cache)  # one row per sentence for the first step, then k
+    rules = _TokenRules(device, pad_id=model.pad_id, bos_id=bos_id, eos_id=eos_id)
     limits = max_lengths(model, src, max_len_b)  # (n,)
-    bound_norm = length_penalty(limits.float() + 1.0, alpha)  # (n,) lp of the longest possible hypothesis
     longest, shortest = int(limits.max()), int(limits.min())
+    stepper = _start(model, src, use_cache, capacity=longest + 1)  # one row per sentence, then k
+    bound_norm = length_penalty(limits.float() + 1.0, alpha)  # (n,) lp of the longest possible hypothesis
     alive = torch.arange(batch, device=device)  # (n,) original sentence of each live sentence
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (n,) its best can no longer change
     # Live beams: log-probabilities (n, r), histories (n, r, T+1) and the rows of the decoder batch (n*r),
     # sentence-major. r = 1 for the first step (every beam would start from the same BOS), then k.
     scores = torch.zeros(batch, 1, device=device)  # (n, r)
@@ -264,9 +305,9 @@ def beam_search(
     ranks = torch.arange(2 * k, device=device)  # (2k,)
     for t in range(longest + 1):
         n, r = scores.shape
-        logp = _next_logprobs(stepper, tokens, never)  # (n*r, V)
+        logp = rules.logprobs(stepper, tokens)  # (n*r, V)
         if t >= shortest:
-            logp = _force_eos(logp, limits.eq(t).repeat_interleave(r), eos_id)
+            logp = rules.force_eos(logp, limits.eq(t).repeat_interleave(r))
         # The best 2k of all r*V continuations are among the best 2k of each beam's V: rank per beam first,
         # so no (n, r*V) sum is ever written.
         width = min(2 * k, logp.size(1))
@@ -281,18 +322,18 @@ def beam_search(
             top_beam, top_tok = F.pad(top_beam, extra), F.pad(top_tok, extra, value=model.pad_id)
         is_eos = top_tok.eq(eos_id)  # (n, 2k)
 
-        # EOS among the top k ranks: finished hypotheses of length t (+ EOS)
+        # EOS among the top k ranks: finished hypotheses of length t (+ EOS). The best of them replaces the
+        # sentence's best if it scores higher and the sentence is not finished (frozen).
         fin = is_eos[:, :k] & top_lp[:, :k].isfinite()  # (n, k)
         fin_score = torch.where(fin, top_lp[:, :k] / length_penalty(float(t + 1), alpha), float("-inf"))
-        cand_best, cand_j = fin_score.max(dim=1)  # (n,), (n,)
-        better = cand_best > best_score[alive]  # (n,)
-        if bool(better.any()):
-            rows = better.nonzero().squeeze(1)  # (m,)
-            orig, j = alive[rows], cand_j[rows]
-            best_score[orig] = cand_best[rows]
-            best_logprob[orig] = top_lp[rows, j]
-            best_tokens[orig, :t] = history[rows, top_beam[rows, j], :t]
-            best_len[orig] = t
+        cand_best, cand_j = fin_score.max(dim=1, keepdim=True)  # (n, 1), (n, 1)
+        better = (cand_best[:, 0] > best_score[alive]) & ~finished  # (n,)
+        cand_beam = top_beam.gather(1, cand_j)[:, 0]  # (n,)
+        cand_tokens = history[torch.arange(n, device=device), cand_beam]  # (n, T+1), first t are its tokens
+        best_score[alive] = torch.where(better, cand_best[:, 0], best_score[alive])
+        best_logprob[alive] = torch.where(better, top_lp.gather(1, cand_j)[:, 0], best_logprob[alive])
+        best_tokens[alive] = torch.where(better[:, None], cand_tokens, best_tokens[alive])
+        best_len[alive] = torch.where(better, t, best_len[alive])
 
         # the first k non-EOS candidates stay live (there are at least k: each beam gives at most one EOS)
         order = (ranks + is_eos * (2 * k)).argsort(dim=1)[:, :k]  # (n, k)
@@ -303,19 +344,26 @@ def beam_search(
         history[:, :, t] = tokens
         rows_index = (torch.arange(n, device=device)[:, None] * r + beam).view(n * k)  # (n*k,) rows of n*r
 
-        # exact early stop: no live beam can still beat the best finished hypothesis
-        done = limits.eq(t)  # (n,)
+        # a sentence is finished at its max length, or (exact early stop) once no live beam can still beat
+        # its best finished hypothesis
+        finished |= limits.eq(t)
         if early_stop:
-            done |= best_score[alive] >= scores.max(dim=1).values / bound_norm
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)  # (n',)
+            finished |= best_score[alive] >= scores.max(dim=1).values / bound_norm
+        rows_change = r != k  # the first step: one row per sentence becomes k
+        if (t + 1) % check_every == 0 or t == longest:
+            keep = (~finished).nonzero().squeeze(1)  # (n',): the host's one read
             if keep.numel() == 0:
                 break
-            alive, scores, tokens, history = alive[keep], scores[keep], tokens[keep], history[keep]
-            limits, bound_norm = limits[keep], bound_norm[keep]
-            rows_index = rows_index.view(n, k)[keep].view(-1)  # (n'*k,)
-            shortest = int(limits.min())
-        stepper.reorder(rows_index)
+            if keep.numel() < n:  # finished sentences leave the batch
+                alive, scores, tokens, history = alive[keep], scores[keep], tokens[keep], history[keep]
+                limits, bound_norm, finished = limits[keep], bound_norm[keep], finished[keep]
+                rows_index = rows_index.view(n, k)[keep].view(-1)  # (n'*k,)
+                shortest = int(limits.min())
+                rows_change = True
+        if rows_change:
+            stepper.reorder(rows_index)
+        else:  # beams permuted within their sentences: the per-sentence state stays as it is
+            stepper.reorder_beams(rows_index)
         tokens = tokens.reshape(-1)  # (n*k,)
     lengths, scores_out, logprobs = best_len.tolist(), best_score.tolist(), best_logprob.tolist()
     return [

@@ -126,10 +126,16 @@ class DecoderCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (b',) in this order, in place; rows may repeat (beam expansion)."""
-        for kv in self.self_kv:
-            kv.reorder(index)
+        self.reorder_beams(index)
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
         self.src_pad_mask = self.src_pad_mask.index_select(0, index)
+
+    def reorder_beams(self, index: Tensor) -> None:
+        """:meth:`reorder` for an ``index`` that maps every row to a row of the same sentence (beams of one
+        sentence permuted): the memory keys/values and the mask, identical within a sentence, stay as they
+        are, and only the decoded positions are copied."""
+        for kv in self.self_kv:
+            kv.reorder(index)
 
     @property
     def batch_size(self) -> int:
@@ -265,10 +271,14 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Incremental decoding
 
-    def init_cache(self, memory: Tensor, src_pad_mask: Tensor) -> DecoderCache:
-        """Project the memory into each decoder layer's encoder-decoder keys/values once per sentence."""
+    def init_cache(self, memory: Tensor, src_pad_mask: Tensor, *, capacity: int = 64) -> DecoderCache:
+        """Project the memory into each decoder layer's encoder-decoder keys/values once per sentence.
+
+        ``capacity``: target positions the self-attention caches hold before they must grow (a search that
+        knows its longest output passes it, so no step reallocates).
+        """
         memory_kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder.layers]
-        self_kv = [KVCache() for _ in self.decoder.layers]
+        self_kv = [KVCache(capacity=capacity) for _ in self.decoder.layers]
         return DecoderCache(self_kv=self_kv, memory_kv=memory_kv, src_pad_mask=src_pad_mask)
 
     def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
