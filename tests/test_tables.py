@@ -111,7 +111,13 @@ def test_agreement_and_spearman_by_hand() -> None:
     ours = [5.00, 5.50, 4.90, 4.90, 4.70, 5.20, math.nan]
     paper = [4.92, 5.29, 4.91, 5.16, 4.67, 4.95, 5.19]
     frame = pd.DataFrame(
-        {"row": rows, "ppl_dev": ours, "paper_ppl": paper, "bleu_dev": math.nan, "paper_bleu": math.nan}
+        {
+            "row": rows,
+            "ppl_dev": ours,
+            "paper_ppl": paper,
+            "bleu_dev_tok": math.nan,
+            "paper_bleu": math.nan,
+        }
     )
     frame = stats.add_agreement(frame, "base")
     assert list(frame["ppl_same_way"]) == ["", "yes", "", "no", "yes", "", ""]
@@ -126,6 +132,28 @@ def test_agreement_and_spearman_by_hand() -> None:
     # no ties: ranks (2, 3, 1, 4) vs (2, 4, 1, 3), sum d^2 = 2, rho = 1 - 6 * 2 / (4 * 15) = 0.8
     assert stats.spearman([5.0, 6.0, 4.0, 7.0], [4.9, 5.3, 4.8, 5.1]) == pytest.approx(0.8)
     assert math.isnan(stats.spearman([1.0, 2.0], [1.0, 2.0]))
+
+
+def test_bleu_agreement_compares_tokenized_bleu_with_the_papers() -> None:
+    """The paper's BLEU is tokenized and compound-split: our change is bleu_dev_tok's, not sacreBLEU's.
+    A1: sacreBLEU 40.0 -> 41.0 (+1.0), tokenized 30.0 -> 29.0 (-1.0), the paper's 25.8 -> 24.9 (-0.9): the
+    same way (tokenized), though sacreBLEU went the other way. A2: tokenized +0.5, the paper's -0.3: not."""
+    frame = pd.DataFrame(
+        {
+            "row": ["base", "A1", "A2"],
+            "ppl_dev": math.nan,
+            "paper_ppl": math.nan,
+            "bleu_dev": [40.0, 41.0, 39.0],
+            "bleu_dev_tok": [30.0, 29.0, 30.5],
+            "paper_bleu": [25.8, 24.9, 25.5],
+        }
+    )
+    frame = stats.add_agreement(frame, "base")
+    assert list(frame["d_bleu_tok"].fillna(0)) == pytest.approx([0, -1.0, 0.5])
+    assert list(frame["bleu_same_way"]) == ["", "yes", "no"]
+    assert stats._agreement_line(frame, "dev BLEU", "bleu").startswith(
+        "dev BLEU moved the same way as the paper's in 1 of 2 rows"
+    )
 
 
 def test_summary_lines_of_fixture(runs: Path) -> None:
@@ -450,7 +478,7 @@ def test_wandb_runs_logged_offline_read_back(tmp_path: Path, monkeypatch: pytest
     assert (
         line(table, "A1")["ppl_dev"] == 3.6 and line(table, "A1")["h"] == 1 and line(table, "A1")["d_k"] == 64
     )
-    assert line(table, "A1")["d_bleu"] == pytest.approx(-6.0) and line(table, "B1")["status"] == "missing"
+    assert line(table, "A1")["d_bleu_tok"] == pytest.approx(-6.0) and line(table, "B1")["status"] == "missing"
     assert [r.curve() for r in table.records if r.row == "base"] == [[(199, pytest.approx(9.3))]]
 
 

@@ -2,8 +2,9 @@
 
 One line per grid row, in the grid's order (the paper's): the Table 3 cells where the row differs from base
 (all of them for base, like the paper), our params, dev PPL, sacreBLEU and tokenized BLEU (mean ± std over
-seeds, and the seed count), the paper's PPL, BLEU and params, the change of PPL and BLEU from our base next
-to the paper's change from its base and whether both go the same way, a paired-bootstrap p-value of BLEU
+seeds, and the seed count), the paper's PPL, BLEU and params, the change of PPL and of tokenized BLEU (the
+paper's kind) from our base next to the paper's change from its base and whether both go the same way, a
+paired-bootstrap p-value of BLEU
 against base, and the training cost (estimated FLOPs, measured device-hours). Runs that are missing, failed
 or still running keep their line, with their status and notes. Sources: :mod:`experiments.tables.sources`;
 significance, agreement and FLOPs: :mod:`experiments.tables.stats`; plots: :mod:`experiments.tables.plots`.
@@ -50,7 +51,7 @@ CELLS = {  # Table 3's columns -> config keys
 }
 STATS = ("ppl_dev", "bleu_dev", "bleu_dev_tok")  # mean and std over seeds
 PAPER = {"paper_ppl": "ppl_dev", "paper_bleu": "bleu_dev", "paper_params_m": "params_m"}  # ours <- the csv's
-AGREEMENT = ("d_ppl", "paper_d_ppl", "ppl_same_way", "d_bleu", "paper_d_bleu", "bleu_same_way")
+AGREEMENT = ("d_ppl", "paper_d_ppl", "ppl_same_way", "d_bleu_tok", "paper_d_bleu", "bleu_same_way")
 COLUMNS = ["row", "label", "group", *CELLS, "params_m", *(f"{m}{s}" for m in STATS for s in ("", "_std"))]
 COLUMNS += ["seeds", *PAPER, *AGREEMENT, "p_bleu", "train_flops", "device_hours", "status", "notes"]
 """The CSV's columns, in the Markdown table's order (which shows a subset, formatted)."""
@@ -216,7 +217,7 @@ DISPLAY = (  # header, column, format: a format spec; "±" + spec: mean ± std; 
     ("ΔPPL", "d_ppl", "+.2f"),
     ("paper ΔPPL", "paper_d_ppl", "+.2f"),
     ("PPL same way", "ppl_same_way", "s"),
-    ("ΔBLEU", "d_bleu", "+.1f"),
+    ("ΔBLEU tok", "d_bleu_tok", "+.1f"),
     ("paper ΔBLEU", "paper_d_bleu", "+.1f"),
     ("BLEU same way", "bleu_same_way", "s"),
     ("p (BLEU)", "p_bleu", ".3f"),

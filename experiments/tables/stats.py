@@ -99,17 +99,25 @@ def same_way(ours: float, paper: float, threshold: float = MOVE_THRESHOLD) -> st
     return "yes" if ours * paper > 0 else "no"
 
 
+AGREEMENT = (  # ours, the paper's, short name, the name of our change
+    ("ppl_dev", "paper_ppl", "ppl", "d_ppl"),
+    ("bleu_dev_tok", "paper_bleu", "bleu", "d_bleu_tok"),
+)
+"""Like with like: the paper's BLEU is tokenized and compound-split, so our change is that of
+``bleu_dev_tok`` (``transformer_lit.metrics.tokenized_bleu``); sacreBLEU stays a column of its own."""
+
+
 def add_agreement(frame: pd.DataFrame, base_row: str) -> pd.DataFrame:
     """Changes from base, ours (from our base) and the paper's (from its base), and whether they agree."""
     frame = frame.copy()
     base = frame[frame["row"] == base_row]
-    for ours, paper, short in (("ppl_dev", "paper_ppl", "ppl"), ("bleu_dev", "paper_bleu", "bleu")):
+    for ours, paper, short, delta in AGREEMENT:
         our_base = float(base.iloc[0][ours]) if len(base) else math.nan
         paper_base = float(base.iloc[0][paper]) if len(base) else math.nan
         is_base = frame["row"] == base_row
-        frame[f"d_{short}"] = (frame[ours] - our_base).where(~is_base)
+        frame[delta] = (frame[ours] - our_base).where(~is_base)
         frame[f"paper_d_{short}"] = (frame[paper] - paper_base).round(4).where(~is_base)  # 4.97-4.92 is 0.05
-        pairs = zip(frame[f"d_{short}"].astype(float), frame[f"paper_d_{short}"].astype(float), strict=True)
+        pairs = zip(frame[delta].astype(float), frame[f"paper_d_{short}"].astype(float), strict=True)
         frame[f"{short}_same_way"] = [same_way(o, p) for o, p in pairs]
     return frame
 
@@ -139,7 +147,7 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
     n_seeds = max(len(seeds), 1)
     lines = [f"runs: {runs} ({len(frame)} rows x {n_seeds} seed{'s' if n_seeds > 1 else ''})"]
     lines.append(_agreement_line(frame, "dev PPL", "ppl"))
-    lines.append(_agreement_line(frame, "dev BLEU", "bleu"))
+    lines.append(_agreement_line(frame, "dev BLEU (tokenized and compound-split, as the paper's)", "bleu"))
     both = frame[["ppl_dev", "paper_ppl"]].dropna()
     rho = spearman(both["ppl_dev"], both["paper_ppl"])
     lines.append(
