@@ -68,34 +68,42 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         epilog=_sections_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--grid", default="table3", help="grid file or name (default: table3)")
-    p.add_argument("--row", default="base", help="row of the grid (default: base)")
-    p.add_argument("--scale", default="tiny", help="scale: paper, small, tiny, ... (default: tiny)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="grid file or name (default: table3)")
+    p.add_argument("--row", default=None, help="row of the grid (default: base)")
+    p.add_argument("--scale", default=None, help="scale: paper, small, tiny, ... (default: tiny)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--out", default=None, help="run folder (default: results/runs/<grid>/<scale>/<row>/seed<k>)"
     )
     p.add_argument("--runs", default="results/runs", help="root of the run folders")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="train the run already planned in DIR (its config.yaml, as tlit grid run writes it); "
+        "overrides: run-time fields only",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from experiments.grids import grid as G
     from experiments.runs import run as R
 
-    grid = G.load_grid(args.grid)
-    overrides = dict(C.parse_override(o) for o in args.overrides)
-    cfg = grid.config(args.row, args.scale, args.seed, overrides)
-    run_dir = (
-        Path(args.out) if args.out else G.run_dir_for(args.runs, grid.name, args.scale, args.row, args.seed)
-    )
+    if args.run_dir is not None:  # a launcher's child: the config was resolved by the planner
+        given = [f"--{n}" for n in ("grid", "row", "scale", "seed", "out") if getattr(args, n) is not None]
+        if given:
+            raise ValueError(f"--run-dir trains the run planned there; {given[0]} cannot be given with it")
+        run_dir = Path(args.run_dir)
+        cfg, info = R.planned(run_dir, args.overrides)
+    else:
+        cfg, info, run_dir = _resolve_train(args)
     existing = R.read_summary(run_dir)
     if existing is not None and existing.get("status") == "complete":
         print(f"{run_dir} is already complete (summary.json present); nothing to do")
         return 0
     with _run_lock(run_dir):
-        summary = R.train(cfg, run_dir, R.RunInfo(grid=grid.name, scale=args.scale, row=args.row))
+        summary = R.train(cfg, run_dir, info)
     if summary:
         print(
             f"{run_dir}: ppl_dev={summary['ppl_dev']:.3f} bleu_dev={summary['bleu_dev']:.2f} "
@@ -103,6 +111,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"params={summary['params']:,} wall={summary['wall_seconds']:.0f}s"
         )
     return 0
+
+
+def _resolve_train(args: argparse.Namespace) -> tuple:
+    """``tlit train --grid G --row R --scale S --seed K k=v``: the run's config, names and folder."""
+    from experiments.grids import grid as G
+    from experiments.runs.folder import RunInfo
+
+    name, row, scale = args.grid or G.DEFAULT_GRID, args.row or "base", args.scale or "tiny"
+    seed = 0 if args.seed is None else args.seed
+    grid = G.load_grid(name)
+    cfg = grid.config(row, scale, seed, dict(C.parse_override(o) for o in args.overrides))
+    run_dir = Path(args.out) if args.out else G.run_dir_for(args.runs, grid.name, scale, row, seed)
+    return cfg, RunInfo(grid=grid.name, scale=scale, row=row), run_dir
 
 
 @contextlib.contextmanager
@@ -403,7 +424,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
             check_accelerator(launcher.slots, spec.config.train.accelerator)
     where = getattr(launcher, "slots", args.launcher)
     print(f"{grid.name}/{specs[0].scale}: {len(specs)} runs on {where}, retries {args.retries}")
-    return gridrun.run_grid(specs, grid.path.resolve(), overrides, launcher, sys.stdout)
+    return gridrun.run_grid(specs, launcher, sys.stdout)
 
 
 def cmd_grid_status(args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ from experiments.grids import runner as gridrun
 from experiments.launchers import base as B
 from experiments.launchers import local
 from experiments.runs import locks
+from experiments.runs import run as R
+from experiments.runs.folder import RunInfo, read_info
+from transformer_lit import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,27 +71,44 @@ def test_grid_run_accepts_options_between_file_and_overrides():
     assert args.devices == "all" and args.retries == 1 and args.launcher == "local"
 
 
-def test_train_jobs_rebuild_the_same_run(table3, tmp_path):
+def test_train_jobs_read_the_run_their_planner_wrote(table3, tmp_path):
+    """The grid resolves each config once and writes it to the run folder; the child's argv names the
+    folder and the launcher's run-time overrides only (issue 11, point 4)."""
     launcher = local.LocalLauncher(local.parse_devices("cpu:2"))
     specs = gridrun.specs_for(
         table3, "tiny", rows="base,big", seeds=2, overrides=["train.max_steps=7"], runs=tmp_path
     )
-    jobs, skipped = gridrun.grid_jobs(specs, table3.path, ["train.max_steps=7"], launcher)
+    jobs, skipped = gridrun.grid_jobs(specs, launcher)
     assert not skipped and [j.name for j in jobs] == [s.name for s in specs]
     big, base = jobs[2], jobs[0]
     assert big.cost > base.cost and base.slots == 1
     args = cli.build_parser().parse_args(base.argv[3:])  # what the child process will parse
-    assert args.func is cli.cmd_train and args.row == "base" and args.scale == "tiny" and args.seed == 0
-    assert Path(args.out) == specs[0].run_dir
-    assert args.overrides[0] == "train.max_steps=7"
-    assert {"train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"} <= set(args.overrides)
+    assert args.func is cli.cmd_train and Path(args.run_dir) == specs[0].run_dir
+    assert (args.grid, args.row, args.scale, args.seed, args.out) == (None, None, None, None, None)
+    assert args.overrides == ["train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"]
     assert base.argv[:3] == [sys.executable, "-m", "experiments.cli"]
+    for spec in specs:
+        assert C.load_yaml(spec.run_dir / "config.yaml") == spec.config
+        assert read_info(spec.run_dir) == RunInfo(grid="table3", scale="tiny", row=spec.row)
+    cfg, info = R.planned(specs[2].run_dir, args.overrides)
+    assert cfg == C.apply_overrides(specs[2].config, args.overrides) and cfg.model.num_heads == 16
+    assert info.row == "big"
+
+
+def test_a_folder_with_another_config_stops_the_grid_before_anything_is_written(table3, tmp_path):
+    launcher = local.LocalLauncher(local.parse_devices("cpu:2"))
+    specs = gridrun.specs_for(table3, "tiny", rows="base,A1", runs=tmp_path)
+    specs[1].run_dir.mkdir(parents=True)
+    C.dump_yaml(C.base(), specs[1].run_dir / "config.yaml")
+    with pytest.raises(R.RunFolderConflict, match="holds a run with a different config"):
+        gridrun.grid_jobs(specs, launcher)
+    assert not specs[0].run_dir.exists()
 
 
 def test_slots_follow_train_devices(table3, tmp_path):
     launcher = local.LocalLauncher(local.parse_devices("cpu:2"))
     (spec,) = gridrun.specs_for(table3, "tiny", rows="base", overrides=["train.devices=2"], runs=tmp_path)
-    assert B.job_for_spec(spec, table3.path, ["train.devices=2"], launcher).slots == 2
+    assert gridrun.job_for_spec(spec, launcher).slots == 2
 
 
 def test_costs_order_the_rows_sensibly(table3):
@@ -205,7 +225,7 @@ def test_run_grid_skips_complete_runs_and_reports_failures(table3, tmp_path):
     specs = _fixture_runs(table3, tmp_path)
     fake = _FakeLauncher({"table3/tiny/A1/seed0": B.JobState.FAILED})
     out = io.StringIO()
-    assert gridrun.run_grid(specs, table3.path, [], fake, out, live=False) == 1
+    assert gridrun.run_grid(specs, fake, out, live=False) == 1
     assert [j.name for j in fake.seen] == [s.name for s in specs[1:]]  # base is complete
     text = out.getvalue()
     assert "1 of 5 runs already complete" in text
@@ -214,7 +234,7 @@ def test_run_grid_skips_complete_runs_and_reports_failures(table3, tmp_path):
         for line in text.splitlines()
     )
     assert any(line.startswith("table3/tiny/A1/seed0") and "failed" in line for line in text.splitlines())
-    assert gridrun.run_grid(specs, table3.path, [], _FakeLauncher({}), io.StringIO(), live=False) == 0
+    assert gridrun.run_grid(specs, _FakeLauncher({}), io.StringIO(), live=False) == 0
 
 
 def _progress(jobs, states, running, speed=1.0):
@@ -376,3 +396,28 @@ def test_real_grid_killed_then_resumed(tmp_path):
     log = (second / "train.log").read_text()
     assert "attempt 1/2" in log and "resuming" in log
     assert not (second / "run.lock").exists() and not (first / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_the_training_child_reads_its_folder_and_never_imports_the_grid_module(table3, tmp_path):
+    """Plan a run as ``tlit grid run`` does, then run the child's exact argv: it trains from config.yaml and
+    run.json, and ``experiments.grids.grid`` is never imported in that process."""
+    micro = [*MICRO, "train.max_steps=2", f"data.cache_dir={tmp_path / 'cache'}"]
+    specs = gridrun.specs_for(table3, "tiny", rows="C1", overrides=micro, runs=tmp_path / "runs")
+    (job,), _ = gridrun.grid_jobs(specs, local.LocalLauncher(local.parse_devices("cpu:1")))
+    code = (
+        "import json, sys; from experiments import cli; "
+        f"rc = cli.main({job.argv[3:]!r}); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('experiments.')))); sys.exit(rc)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    imported = json.loads(out.stdout.splitlines()[-1])
+    assert "experiments.runs.trainer" in imported  # it did train here
+    assert not [m for m in imported if m.startswith("experiments.grids")], imported
+    summary = json.loads((specs[0].run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["train_steps"] == 2
+    assert (summary["grid"], summary["scale"], summary["row"]) == ("table3", "tiny", "C1")

@@ -14,6 +14,7 @@ pytest.importorskip("submitit")
 
 from experiments.launchers import base as B  # noqa: E402
 from experiments.launchers import slurm as S  # noqa: E402
+from transformer_lit import config as C  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sbatch"
 REFRESH = "TLIT_REFRESH_GOLDEN"
@@ -204,7 +205,9 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
     assert opts.folder == tmp_path / "slurm" / "table3" / "tiny"
     assert submitted["cluster"] == "slurm" and submitted["name"] == "tlit-table3-tiny"
     assert [j.name for j in submitted["jobs"]] == [f"table3/tiny/A{i}/seed0" for i in (2, 3, 4)]
-    assert "train.max_steps=10" in submitted["jobs"][0].argv
+    job = submitted["jobs"][0]  # the task trains the run planned in its folder, with the user's override
+    assert job.argv[3:6] == ["train", "--run-dir", str(job.run_dir)]
+    assert C.load_yaml(job.run_dir / "config.yaml").train.max_steps == 10
     out = capsys.readouterr().out
     assert "submitted; follow them with: tlit grid status" in out
     assert "table3/tiny/A2/seed0  pending" in out

@@ -17,6 +17,7 @@ import torch
 
 from experiments.cli import main as tlit
 from experiments.runs import run as R
+from experiments.runs.folder import RunInfo
 from transformer_lit import config as C
 from transformer_lit.errors import NonFiniteLossError
 
@@ -202,6 +203,27 @@ def test_runtime_fields_may_change_on_resume(tmp_path):
     assert C.load_yaml(out / "config.yaml").train.num_threads == 2
     with pytest.raises(R.RunFolderConflict, match=r"model.d_k: 8 there, 4 now"):
         R.check_or_write_config(out, C.apply_overrides(cfg, {"model.d_k": 4}))  # ...what it computes may not
+
+
+def test_a_planned_run_takes_run_time_overrides_only(tmp_path, capsys):
+    """``tlit train --run-dir``: the launchers' child command. It reads the planned config.yaml; an override
+    that would change the run, a flag that would resolve another one, or an unplanned folder fail in one
+    line (exit 2) before any work."""
+    out = tmp_path / "run"
+    assert tlit(["train", "--run-dir", str(out)]) == 2
+    assert f"{out} has no config.yaml" in capsys.readouterr().err
+    cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=3))
+    R.plan(out, cfg, RunInfo(grid="g", scale="s", row="r"))
+    assert R.planned(out, ["train.num_threads=2"]) == (
+        C.apply_overrides(cfg, {"train.num_threads": 2}),
+        RunInfo(grid="g", scale="s", row="r"),
+    )
+    assert tlit(["train", "--run-dir", str(out), "model.d_k=4"]) == 2
+    err = capsys.readouterr().err
+    assert "model.d_k would change the planned run" in err and err.count("\n") == 1
+    assert tlit(["train", "--run-dir", str(out), "--row", "B1"]) == 2
+    assert "--row cannot be given with it" in capsys.readouterr().err
+    assert C.load_yaml(out / "config.yaml") == cfg and not (out / "checkpoints").exists()
 
 
 def test_compile_and_loss_chunking_never_make_another_config(tmp_path):

@@ -13,6 +13,7 @@ imports no torch, so tables and grid planning stay fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -379,8 +380,12 @@ def flat_dict(cfg: RunConfig) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, fields in to_dict(cfg).items() for k, v in fields.items()}
 
 
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(to_yaml(cfg))
 
 
 def load_yaml(path: str | Path) -> RunConfig:
@@ -450,3 +455,14 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | tupl
 def base() -> RunConfig:
     """The paper's base model (Table 3, row "base")."""
     return RunConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Derived values
+
+
+def accumulation(cfg: RunConfig, world_size: int) -> int:
+    """Batches per optimizer step so that one update holds about optim.tokens_per_update tokens."""
+    if cfg.optim.tokens_per_update is None:
+        return 1
+    return max(1, math.ceil(cfg.optim.tokens_per_update / (cfg.data.max_tokens * world_size)))

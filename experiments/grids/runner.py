@@ -22,6 +22,7 @@ from experiments.grids import grid as G
 from experiments.launchers import base as B
 from experiments.runs import locks
 from experiments.runs import run as R
+from experiments.runs.folder import RunInfo
 from experiments.runs.prepare import prepare_for
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
@@ -228,11 +229,11 @@ def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout:
 # Run
 
 
-def grid_jobs(
-    specs: Sequence[G.RunSpec], grid_path: str | Path, overrides: Sequence[str], launcher: B.Launcher
-) -> tuple[list[B.Job], list[B.JobResult]]:
-    """Jobs for the runs still to do, and SKIPPED results for the complete ones."""
-    jobs, skipped = [], []
+def grid_jobs(specs: Sequence[G.RunSpec], launcher: B.Launcher) -> tuple[list[B.Job], list[B.JobResult]]:
+    """Jobs for the runs still to do, planned into their run folders (config.yaml and run.json written
+    here, once), and SKIPPED results for the complete ones. Every folder is checked before any is written:
+    one that holds another config stops the grid before anything runs (``RunFolderConflict``)."""
+    todo, skipped = [], []
     for spec in specs:
         if B.is_complete(spec.run_dir):
             locks.clear_stale(spec.run_dir)
@@ -240,8 +241,24 @@ def grid_jobs(
                 B.JobResult(spec.name, spec.run_dir, B.JobState.SKIPPED, message="already complete")
             )
         else:
-            jobs.append(B.job_for_spec(spec, grid_path, overrides, launcher))
-    return jobs, skipped
+            R.check_config(spec.run_dir, spec.config)
+            todo.append(spec)
+    for spec in todo:
+        R.plan(spec.run_dir, spec.config, RunInfo(grid=spec.grid, scale=spec.scale, row=spec.row))
+    return [job_for_spec(spec, launcher) for spec in todo], skipped
+
+
+def job_for_spec(spec: G.RunSpec, launcher: B.Launcher) -> B.Job:
+    """A train job for ``spec`` (already planned into its run folder) with the launcher's device overrides."""
+    runtime = launcher.device_overrides()
+    cfg = C.apply_overrides(spec.config, runtime)
+    return B.Job(
+        name=spec.name,
+        argv=B.train_argv(spec.run_dir, runtime),
+        run_dir=spec.run_dir,
+        slots=cfg.train.devices,
+        cost=B.estimate_seconds(cfg, launcher.kind),
+    )
 
 
 def final_lines(specs: Sequence[G.RunSpec], results: dict[str, B.JobResult]) -> list[str]:
@@ -276,19 +293,13 @@ def exit_code(results: Sequence[B.JobResult], stopped_by: int | None = None, det
 
 
 def run_grid(
-    specs: Sequence[G.RunSpec],
-    grid_path: str | Path,
-    overrides: Sequence[str],
-    launcher: B.Launcher,
-    out: TextIO,
-    *,
-    live: bool | None = None,
+    specs: Sequence[G.RunSpec], launcher: B.Launcher, out: TextIO, *, live: bool | None = None
 ) -> int:
     """Run what is left of ``specs`` with ``launcher``, showing progress on ``out``; returns the exit code.
 
     The runs' data is prepared first, here (on SLURM: on the submitting node, before the array is
     submitted); missing data stops the grid before any job starts (``experiments.runs.prepare``)."""
-    jobs, skipped = grid_jobs(specs, grid_path, overrides, launcher)
+    jobs, skipped = grid_jobs(specs, launcher)
     if skipped:
         print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
     to_run = {job.name for job in jobs}

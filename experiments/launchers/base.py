@@ -1,9 +1,10 @@
 """What every launcher shares: a Job (one run as an argv list), its result, its log, its cost estimate.
 
-A job is ``python -m experiments.cli train --grid F --row R --scale S --seed K --out RUN_DIR k=v ...``
-as a list of strings: user strings never pass through a shell. Its stdout and stderr go to
-``RUN_DIR/train.log``, appended across attempts, each attempt under a header line. A job is complete
-when its run folder's ``summary.json`` says so; an exit status of 0 without one is a failure.
+A job is ``python -m experiments.cli train --run-dir RUN_DIR k=v ...`` as a list of strings (user strings
+never pass through a shell): the planning process has written the run's config.yaml and run.json, the child
+reads them, and its ``k=v`` are the launcher's run-time overrides only (devices, threads). Its stdout and
+stderr go to ``RUN_DIR/train.log``, appended across attempts, each attempt under a header line. A job is
+complete when its run folder's ``summary.json`` says so; an exit status of 0 without one is a failure.
 
 No torch here: planning and status import this module.
 """
@@ -23,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.grids.grid import RunSpec
 from experiments.runs import run as R
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
@@ -130,52 +130,23 @@ class Launcher:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Jobs from RunSpecs
+# Jobs and their cost
 
 
 def estimate_seconds(cfg: C.RunConfig, kind: str = "cpu") -> float:
     """Rough wall seconds of a run on its devices (see the constants above); no torch."""
     params = count_parameters(cfg.model, cfg.data.vocab_size)
-    tokens_per_step = cfg.data.max_tokens * cfg.train.devices * R.accumulation(cfg, cfg.train.devices)
+    tokens_per_step = cfg.data.max_tokens * cfg.train.devices * C.accumulation(cfg, cfg.train.devices)
     seconds = params * tokens_per_step * cfg.train.max_steps * SECONDS_PER_PARAM_TOKEN / cfg.train.devices
     if kind != "cpu":
         seconds /= GPU_SPEEDUP
     return RUN_OVERHEAD_S + seconds
 
 
-def train_argv(spec: RunSpec, grid_path: str | Path, overrides: Sequence[str] = ()) -> list[str]:
-    """The command that trains ``spec``: the child rebuilds the same config from grid, row, scale, seed and
-    overrides, and checks it against the run folder's ``config.yaml``."""
-    return [
-        sys.executable,
-        "-m",
-        "experiments.cli",
-        "train",
-        "--grid",
-        str(grid_path),
-        "--row",
-        spec.row,
-        "--scale",
-        spec.scale,
-        "--seed",
-        str(spec.seed),
-        "--out",
-        str(spec.run_dir),
-        *overrides,
-    ]
-
-
-def job_for_spec(spec: RunSpec, grid_path: str | Path, overrides: Sequence[str], launcher: Launcher) -> Job:
-    """A train job for ``spec`` with the user's overrides followed by the launcher's device overrides."""
-    every = [*overrides, *launcher.device_overrides()]
-    cfg = C.apply_overrides(spec.config, launcher.device_overrides())
-    return Job(
-        name=spec.name,
-        argv=train_argv(spec, grid_path, every),
-        run_dir=spec.run_dir,
-        slots=cfg.train.devices,
-        cost=estimate_seconds(cfg, launcher.kind),
-    )
+def train_argv(run_dir: Path, runtime: Sequence[str] = ()) -> list[str]:
+    """The command that trains the run planned in ``run_dir`` (``experiments.runs.run.plan``), with run-time
+    overrides only: the child reads the config, it does not resolve it again."""
+    return [sys.executable, "-m", "experiments.cli", "train", "--run-dir", str(run_dir), *runtime]
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -36,6 +36,7 @@ from typing import Literal
 from experiments.launchers import base as B
 from experiments.runs import locks
 from experiments.runs import run as R
+from transformer_lit.errors import no_gpu_message
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def parse_devices(spec: str) -> Slots:
             raise bad
         gpus = visible_gpus()
         if not gpus:  # cuda:0 as much as cuda:all: never train on CPU what was asked of a GPU
-            raise ValueError(R.no_gpu_message(f"--devices {spec!r}", "cpu:N or cpu:all"))
+            raise ValueError(no_gpu_message(f"--devices {spec!r}", "cpu:N or cpu:all"))
         if rest == "all":
             return Slots("cuda", tuple(gpus))
         if max(int(i) for i in ids) >= len(gpus):
@@ -144,7 +145,7 @@ def check_accelerator(slots: Slots, accelerator: str) -> None:
     if accelerator in ("gpu", "cuda") and slots.kind == "cpu":
         what = f"train.accelerator={accelerator!r}"
         if not visible_gpus():
-            raise ValueError(R.no_gpu_message(what, "train.accelerator=cpu or auto"))
+            raise ValueError(no_gpu_message(what, "train.accelerator=cpu or auto"))
         raise ValueError(f"{what} but --devices {slots} gives CPU slots; use --devices cuda:all or cuda:ID")
 
 

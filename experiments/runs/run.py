@@ -3,11 +3,13 @@
 The run folder is the contract between training, tables and sweeps (docs/DESIGN.md)::
 
     config.yaml        the resolved config        metrics.csv      Lightning CSV log
+    run.json           grid, scale, row           hyps_dev.txt     dev hypotheses of the final BLEU
     checkpoints/       last.ckpt, step=NNNNNNN.ckpt, tokenizer.model
-    hyps_dev.txt       dev hypotheses of the final BLEU (for significance tests)
     summary.json       written last and atomically: its presence means "complete"
 
-Idempotent: a complete run is skipped, a killed run resumes from ``checkpoints/last.ckpt``.
+The config is resolved once, by the process that plans the run (``plan``: a grid, ``tlit train --grid``, a
+sweep worker); a training process started by a launcher reads it back (``planned``). Idempotent: a complete
+run is skipped, a killed run resumes from ``checkpoints/last.ckpt``.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.runs.folder import RunInfo, read_info, write_atomic, write_info, write_json_atomic
 from transformer_lit import config as C
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,6 @@ class RunFolderConflict(ValueError):
     """The run folder already holds a different config."""
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """Names of a run, stored in summary.json and used as W&B group/job_type."""
-
-    grid: str = "adhoc"
-    scale: str = "custom"
-    row: str = "base"
-
-    @property
-    def group(self) -> str:
-        return f"{self.grid}/{self.scale}"
-
-
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / SUMMARY
     if not path.is_file():
@@ -75,44 +63,54 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def no_gpu_message(what: str, instead: str) -> str:
-    """The one line of every GPU request on a machine without one (``--devices cuda:...``,
-    ``train.accelerator=gpu``)."""
-    return f"{what}: no GPU is visible here; use {instead}"
+def check_config(run_dir: Path, cfg: C.RunConfig) -> bool:
+    """Whether ``run_dir`` needs ``cfg`` written: True when it has no config.yaml or one that differs only in
+    RUNTIME_FIELDS; refuses a folder that holds another config (``RunFolderConflict``)."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        return True
+    old = C.flat_dict(C.load_yaml(path))
+    new = C.flat_dict(cfg)
+    diff = [k for k in new if old.get(k) != new[k] and k not in RUNTIME_FIELDS]
+    if diff:
+        k = diff[0]
+        raise RunFolderConflict(
+            f"{run_dir} holds a run with a different config ({k}: {old.get(k)!r} there, {new[k]!r} now); "
+            "use another --out or delete that folder"
+        )
+    return old != new
 
 
 def check_or_write_config(run_dir: Path, cfg: C.RunConfig) -> None:
     """First run: write config.yaml. Later runs: it must be the same config (up to RUNTIME_FIELDS, which are
     updated), or the folder is refused."""
-    path = run_dir / CONFIG
-    if path.is_file():
-        old = C.flat_dict(C.load_yaml(path))
-        new = C.flat_dict(cfg)
-        diff = [k for k in new if old.get(k) != new[k] and k not in RUNTIME_FIELDS]
-        if diff:
-            k = diff[0]
-            raise RunFolderConflict(
-                f"{run_dir} holds a run with a different config ({k}: {old.get(k)!r} there, {new[k]!r} now); "
-                "use another --out or delete that folder"
+    if check_config(run_dir, cfg):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / CONFIG, C.to_yaml(cfg))
+
+
+def plan(run_dir: Path, cfg: C.RunConfig, info: RunInfo) -> None:
+    """In the process that plans the run: write its resolved config (config.yaml) and names (run.json).
+    The training process reads both (``planned``) and never resolves the config again."""
+    check_or_write_config(run_dir, cfg)
+    write_info(run_dir, info)
+
+
+def planned(run_dir: Path, runtime: Sequence[str] = ()) -> tuple[C.RunConfig, RunInfo]:
+    """In the training process: the config and names the planner wrote, with run-time overrides (where the
+    run executes: RUNTIME_FIELDS) applied. Any other override would change the run: refused."""
+    if not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {CONFIG}; plan the run first (tlit grid run, or tlit train --row --scale)"
+        )
+    values = dict(C.parse_override(o) for o in runtime)
+    for key in values:
+        if key not in RUNTIME_FIELDS:
+            raise ValueError(
+                f"{key} would change the planned run in {run_dir}; tlit train --run-dir takes only run-time "
+                f"overrides: {', '.join(sorted(RUNTIME_FIELDS))}"
             )
-        if old == new:
-            return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.dump_yaml(cfg, path)
-
-
-def accumulation(cfg: C.RunConfig, world_size: int) -> int:
-    """Batches per optimizer step so that one update holds about optim.tokens_per_update tokens."""
-    if cfg.optim.tokens_per_update is None:
-        return 1
-    return max(1, math.ceil(cfg.optim.tokens_per_update / (cfg.data.max_tokens * world_size)))
+    return C.apply_overrides(C.load_yaml(run_dir / CONFIG), values), read_info(run_dir)
 
 
 def git_sha() -> str:
@@ -135,30 +133,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_name(trainer: Any) -> str:
-    import torch
-
-    if trainer.strategy.root_device.type == "cuda":
-        return f"{trainer.num_devices}x {torch.cuda.get_device_name(trainer.strategy.root_device)}"
-    return f"cpu ({torch.get_num_threads()} threads) x{trainer.num_devices}"
-
-
-def configure_wandb_mode() -> None:
-    """Offline unless the user is logged in; an explicit WANDB_MODE always wins (docs/DESIGN.md, field
-    notes)."""
-    if os.environ.get("WANDB_MODE"):
-        return
-    logged_in = bool(os.environ.get("WANDB_API_KEY"))
-    if not logged_in:
-        import netrc
-
-        try:
-            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
-        except (OSError, netrc.NetrcParseError):
-            logged_in = False
-    os.environ["WANDB_MODE"] = "online" if logged_in else "offline"
-
-
 def train(
     cfg: C.RunConfig, run_dir: str | Path, info: RunInfo | None = None, callbacks: list[Any] | None = None
 ) -> dict[str, Any]:
@@ -174,7 +148,7 @@ def train(
     from experiments.runs.trainer import check_accelerator, fit_and_evaluate  # torch only once there is work
 
     check_accelerator(cfg)
-    check_or_write_config(run_dir, cfg)
+    plan(run_dir, cfg, info)  # a no-op for a planned run, unless run-time fields changed
     summary = fit_and_evaluate(cfg, run_dir, info, callbacks or [])
     if summary is not None:
         summary.update(git_sha=git_sha(), versions=versions())

@@ -17,10 +17,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from experiments.runs import run as R
+from experiments.runs.folder import RunInfo
 from experiments.runs.progress import StepProgressBar
 from transformer_lit import config as C
 from transformer_lit.data import TranslationDataModule
+from transformer_lit.errors import no_gpu_message
 from transformer_lit.lit_module import TransformerLitModule
 from transformer_lit.params import count_parameters
 
@@ -46,13 +47,13 @@ def check_accelerator(cfg: C.RunConfig) -> None:
     accelerator = cfg.train.accelerator
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
-            R.no_gpu_message(f"train.accelerator={accelerator!r}", "train.accelerator=cpu or auto")
+            no_gpu_message(f"train.accelerator={accelerator!r}", "train.accelerator=cpu or auto")
         )
 
 
-def build_trainer(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: list[Any]) -> L.Trainer:
+def build_trainer(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: list[Any]) -> L.Trainer:
     t = cfg.train
-    accumulate = R.accumulation(cfg, _world_size(cfg))
+    accumulate = C.accumulation(cfg, _world_size(cfg))
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CKPT_DIR,
         filename="step={step:07d}",
@@ -91,10 +92,10 @@ def build_trainer(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: l
     )
 
 
-def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo) -> Any:
+def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: RunInfo) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
-    R.configure_wandb_mode()
+    _configure_wandb_mode()
     flat = C.flat_dict(cfg) | {"grid": info.grid, "scale": info.scale, "row": info.row}
     run_id_file = run_dir / "wandb_id.txt"  # the same W&B run continues after a resume
     if not run_id_file.is_file():
@@ -113,13 +114,35 @@ def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo) -> Any:
     return logger
 
 
+def _configure_wandb_mode() -> None:
+    """Offline unless the user is logged in; an explicit WANDB_MODE always wins (docs/DESIGN.md, field
+    notes)."""
+    if os.environ.get("WANDB_MODE"):
+        return
+    logged_in = bool(os.environ.get("WANDB_API_KEY"))
+    if not logged_in:
+        import netrc
+
+        try:
+            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+    os.environ["WANDB_MODE"] = "online" if logged_in else "offline"
+
+
+def _device_name(trainer: L.Trainer) -> str:
+    if trainer.strategy.root_device.type == "cuda":
+        return f"{trainer.num_devices}x {torch.cuda.get_device_name(trainer.strategy.root_device)}"
+    return f"cpu ({torch.get_num_threads()} threads) x{trainer.num_devices}"
+
+
 def _seed_and_threads(cfg: C.RunConfig) -> None:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
 
-def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks: list[Any]) -> dict | None:
+def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: list[Any]) -> dict | None:
     """Fit with resume, then dev PPL (all ranks) and dev BLEU (rank 0). Returns the summary on rank 0."""
     _seed_and_threads(cfg)
     ckpt_dir = run_dir / CKPT_DIR
@@ -170,7 +193,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: R.RunInfo, callbacks
         "train_tokens": train_tokens,
         "wall_seconds": round(wall, 2),
         "tokens_per_second": round(train_tokens / max(wall, 1e-9), 1),
-        "device": R.device_name(trainer),
+        "device": _device_name(trainer),
         "status": "complete",
     }
     _finish_wandb(trainer, summary)

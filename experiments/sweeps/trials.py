@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 
 from experiments.runs import run as R
+from experiments.runs.folder import RunInfo, write_json_atomic
 from experiments.sweeps.space import SweepSpec
 from transformer_lit import config as C
 
@@ -47,8 +48,9 @@ def make_objective(spec: SweepSpec, runs_root: str | Path, extra: list[str]) -> 
 
 def prepare_trial(
     spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str]
-) -> tuple[C.RunConfig, Path]:
-    """The trial's config and run folder; a retry of a killed trial resumes the original's folder."""
+) -> tuple[C.RunConfig, RunInfo, Path]:
+    """The trial's config, names and run folder, planned there (config.yaml, run.json) like a grid's run; a
+    retry of a killed trial resumes the original's folder."""
     values = spec.trial_values(trial, extra)
     cfg = spec.config(values, extra)
     run_dir = trial_dir(runs_root, spec, trial.number, cfg.train.seed)
@@ -59,15 +61,16 @@ def prepare_trial(
             if C.flat_dict(C.load_yaml(old / R.CONFIG)) == C.flat_dict(cfg):
                 run_dir = old
     trial.set_user_attr("run_dir", str(run_dir))
-    return cfg, run_dir
+    info = RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)
+    R.plan(run_dir, cfg, info)
+    return cfg, info, run_dir
 
 
 def train_objective(spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str]) -> Any:
     """Train the trial's config into its run folder with the pruning callback; return its objective(s)."""
     from experiments.sweeps.pruning import StepPruningCallback, close_wandb  # Lightning only for real trials
 
-    cfg, run_dir = prepare_trial(spec, trial, runs_root, extra)
-    info = R.RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)
+    cfg, info, run_dir = prepare_trial(spec, trial, runs_root, extra)
     pruning = StepPruningCallback(trial, spec.monitor) if spec.pruner != "none" else None
     try:
         summary = R.train(cfg, run_dir, info, callbacks=[pruning] if pruning else [])
@@ -98,7 +101,7 @@ def write_pruned(
     run_dir: Path, spec: SweepSpec, trial: optuna.Trial, step: int | None, max_steps: int, reported: dict
 ) -> None:
     """``pruned.json``: the run folder's record of a trial stopped by the pruner (not complete for tables)."""
-    R.write_json_atomic(
+    write_json_atomic(
         run_dir / PRUNED,
         {
             "status": "pruned",
@@ -118,8 +121,7 @@ def standin_objective(
     spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path, extra: list[str], seconds: float
 ) -> Any:
     """Test-only trial (``TLIT_SWEEP_STANDIN``): no training, same folders, reports and pruning."""
-    cfg, run_dir = prepare_trial(spec, trial, runs_root, extra)
-    R.check_or_write_config(run_dir, cfg)
+    cfg, _, run_dir = prepare_trial(spec, trial, runs_root, extra)
     with (run_dir / "standin.log").open("a") as f:  # one line per attempt: tests look for duplicates
         f.write(f"{trial.number} {os.getpid()} {time.time():.3f}\n")
     score = standin_score(spec, trial.params)
@@ -147,7 +149,7 @@ def standin_objective(
         "status": "complete",
         "stand_in": True,
     }
-    R.write_json_atomic(run_dir / R.SUMMARY, summary)
+    write_json_atomic(run_dir / R.SUMMARY, summary)
     return objective_values(spec, trial, summary)
 
 
