@@ -115,6 +115,28 @@ def test_eval_run_writes_json_and_hypotheses(tmp_path: Path, fake_corpus: None) 
     assert other["hyps_file"] == "hyps_dev_beam1.txt" and (run / "eval_dev_beam1.json").is_file()
 
 
+def test_eval_and_translate_default_to_the_runs_own_eval_settings(
+    tmp_path: Path, fake_corpus: None, capsys: pytest.CaptureFixture
+) -> None:
+    """A run trained with eval.beam_size=8 is evaluated with beam 8 (and its alpha, max_len_b); flags
+    override, and a decoding other than the run's own gets its own files."""
+    from experiments.cli import main as tlit
+
+    run = make_run(tmp_path)
+    own = {"eval.beam_size": 8, "eval.alpha": 0.7, "eval.max_len_b": 7}
+    C.dump_yaml(C.apply_overrides(C.load_yaml(run / "config.yaml"), own), run / "config.yaml")
+    assert tlit(["eval", str(run)]) == 0
+    result = json.loads((run / "eval_dev.json").read_text())  # no tag: the run's own decoding
+    assert (result["beam"], result["alpha"], result["max_len_b"]) == (8, 0.7, 7)
+    assert tlit(["eval", str(run), "--beam", "3"]) == 0
+    other = json.loads((run / "eval_dev_beam3.json").read_text())
+    assert (other["beam"], other["alpha"], other["max_len_b"]) == (3, 0.7, 7)
+    lines = ["the cat sees the dog .", "a man saw a bird ."]
+    assert translate_lines(run, lines, device="cpu") == translate_lines(
+        run, lines, beam=8, alpha=0.7, max_len_b=7, device="cpu"
+    )
+
+
 def test_eval_run_on_an_empty_split(tmp_path: Path, fake_corpus: None) -> None:
     with pytest.raises(ValueError, match="the test split of .* is empty"):
         eval_run(make_run(tmp_path), split="test", device="cpu")
@@ -163,10 +185,14 @@ def test_eval_on_a_run_folder_written_by_tlit_train(tmp_path: Path, capsys: pyte
     assert result["bleu_tok"] == pytest.approx(summary["bleu_dev_tok"], abs=1e-6)
     assert result["sacrebleu_signature"] == summary["sacrebleu_signature"]
     assert result["ppl"] == pytest.approx(summary["ppl_dev"], rel=1e-4)
-    # and the CLI with nothing but the folder: paper decoding (beam 4), its own files
+    # and the CLI with nothing but the folder: the run's own decoding (beam 2), the same hypotheses again;
+    # --beam 4 (the paper's) gets its own files
     capsys.readouterr()
     assert tlit(["eval", str(out)]) == 0
     assert "bleu" in capsys.readouterr().out
+    assert json.loads((out / "eval_dev.json").read_text())["beam"] == 2
+    assert (out / "hyps_dev.txt").read_text() == trainer_hyps
+    assert tlit(["eval", str(out), "--beam", "4"]) == 0
     assert (out / "eval_dev_beam4.json").is_file()
     assert tlit(["average", str(out), "--last", "2", "-o", str(tmp_path / "avg.pt")]) == 0
     assert (tmp_path / "avg.pt").is_file()

@@ -198,6 +198,25 @@ def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
     assert "on 2 cpu slot(s)" in out.stdout and "rough" in out.stdout
 
 
+def test_help_and_status_import_neither_torch_nor_lightning(table3, tmp_path):
+    """``tlit --help`` and ``tlit grid status`` stay fast: no torch, no Lightning in the process."""
+    _fixture_runs(table3, tmp_path)
+    status = ["grid", "status", "table3", "--scale", "tiny", "--rows", "base,A", "--runs", str(tmp_path)]
+    code = (
+        "import contextlib, io, sys; from experiments import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):\n"
+        "    cli.main(['--help'])\n"
+        "assert 'grid' in help_text.getvalue()\n"
+        "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]\n"
+        f"rc = cli.main({status!r})\n"
+        "heavy += [m for m in ('torch', 'lightning') if m in sys.modules and m not in heavy]\n"
+        "print('heavy:', heavy); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "total 5: 1 done" in out.stdout and out.stdout.splitlines()[-1] == "heavy: []"
+
+
 def test_bad_devices_and_rows_fail_in_one_line(capsys):
     assert cli.main(["grid", "plan", "table3", "--devices", "tpu:1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -184,6 +184,18 @@ def teacher_forced_nll(
 # Commands
 
 
+def _decoding(
+    cfg: C.RunConfig, beam: int | None, alpha: float | None, max_len_b: int | None
+) -> tuple[int, float, int]:
+    """The decoding settings asked for, the run's own (``eval`` of its config.yaml) where not given."""
+    e = cfg.eval
+    return (
+        e.beam_size if beam is None else beam,
+        e.alpha if alpha is None else alpha,
+        e.max_len_b if max_len_b is None else max_len_b,
+    )
+
+
 def _tag(
     cfg: C.RunConfig, beam: int, alpha: float, max_len_b: int, average: int | None, checkpoint: str | None
 ) -> str:
@@ -210,10 +222,10 @@ def _write_atomic(path: Path, text: str) -> None:
 def eval_run(
     run_dir: str | Path,
     split: str = "dev",
-    beam: int = 4,
-    alpha: float = 0.6,
+    beam: int | None = None,
+    alpha: float | None = None,
     average: int | None = None,
-    max_len_b: int = 50,
+    max_len_b: int | None = None,
     *,
     checkpoint: str | None = None,
     device: str | None = None,
@@ -227,10 +239,10 @@ def eval_run(
     Args:
         run_dir: the run folder.
         split: ``dev`` or ``test``.
-        beam: beam size (the paper: 4; 1 is greedy).
-        alpha: length penalty (the paper: 0.6).
+        beam: beam size (1 is greedy); None: the run's own ``eval.beam_size`` (the paper: 4).
+        alpha: length penalty; None: the run's ``eval.alpha`` (the paper: 0.6).
         average: average the last K periodic checkpoints (the paper: 5 for base models; Table 3: none).
-        max_len_b: output tokens beyond the source length (the paper: 50).
+        max_len_b: output tokens beyond the source length; None: the run's ``eval.max_len_b`` (the paper: 50).
         checkpoint: use this checkpoint file instead of last.ckpt.
         device: ``cpu``, ``cuda``, ... (None: CUDA when present).
         precision: ``fp32`` or ``bf16`` autocast (None: as the run trained).
@@ -240,6 +252,7 @@ def eval_run(
         raise ValueError(f"split must be one of dev, test, got {split!r}")
     run_dir = Path(run_dir)
     cfg, model, tokenizer = load_run(run_dir, average=average, checkpoint=checkpoint)
+    beam, alpha, max_len_b = _decoding(cfg, beam, alpha, max_len_b)
 
     from transformer_lit.corpora import load_corpus
     from transformer_lit.decoding import translate
@@ -290,9 +303,9 @@ def translate_lines(
     run_dir: str | Path,
     lines: Sequence[str],
     *,
-    beam: int = 4,
-    alpha: float = 0.6,
-    max_len_b: int = 50,
+    beam: int | None = None,
+    alpha: float | None = None,
+    max_len_b: int | None = None,
     average: int | None = None,
     checkpoint: str | None = None,
     batch_size: int | None = None,
@@ -300,10 +313,12 @@ def translate_lines(
     precision: str | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Translate source lines with a run's model; one output line per input line (empty stays empty)."""
+    """Translate source lines with a run's model; one output line per input line (empty stays empty).
+    Decoding settings left None are the run's own (its config's ``eval`` section)."""
     from transformer_lit.decoding import translate
 
     cfg, model, tokenizer = load_run(run_dir, average=average, checkpoint=checkpoint)
+    beam, alpha, max_len_b = _decoding(cfg, beam, alpha, max_len_b)
     dev = _device(device)
     model.to(dev)
     lines = [line.replace("\n", " ") for line in lines]
