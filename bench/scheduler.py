@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/scheduler.py [--quick] [--slots 2,4] [--total 24] [--noise 0.0]``
 
 Twenty fake jobs (``experiments.launchers.base.fake_job``: a Python process that sleeps, then writes a
-complete summary.json) with durations spread like the real grid's: the Table 3 rows' cost estimates at the
+complete summary) with durations spread like the real grid's: the Table 3 rows' cost estimates at the
 tiny scale (``big`` alone is about a third of the work), scaled so that they sum to ``--total`` seconds.
 Each job runs through the real launcher (locks, logs, process groups, polling) on k CPU slots.
 

@@ -13,7 +13,7 @@ Run: ``.venv/bin/python bench/sweep_scaling.py [--trials 12] [--pruning-trials 2
 2. Pruning: ``--pruning-trials`` trials with the median pruner (dev PPL ten times a trial) against the same
    sweep without it, both on 2 workers with the same seeded random sampler (each worker draws from its own
    seeded sequence, so the two sweeps sample nearly the same points).
-   Training steps are summed over the run folders (``summary.json`` or ``pruned.json``). Target: >= 30%
+   Training steps are summed over the run folders (complete or pruned). Target: >= 30%
    fewer steps.
 
 Timings depend on what else runs on the machine: the load average before and after is printed. The LAST
@@ -36,6 +36,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments.runs import folder as F  # noqa: E402
+
 MICRO = {
     "model.num_layers": 1, "model.d_model": 32, "model.d_ff": 128, "data.synthetic_pairs": 400,
     "data.synthetic_eval_pairs": 50, "data.vocab_size": 200, "eval.max_sentences": 10,
@@ -100,13 +103,13 @@ def _children_cpu() -> float:
 def total_steps(folder: Path, study: str) -> tuple[int, int, int]:
     """(training steps, complete trials, pruned trials) from the study's run folders."""
     steps = complete = pruned = 0
-    for trial in sorted((folder / "results" / "runs" / study / "tiny").iterdir()):
-        run = trial / "seed0"
-        if (run / "summary.json").is_file():
-            steps += json.loads((run / "summary.json").read_text())["train_steps"]
+    for run in sorted((folder / "results" / "runs" / study / "tiny").glob("study-*/trial*/seed0")):
+        state = F.classify(run).state
+        if state is F.RunState.COMPLETE:
+            steps += json.loads((run / F.SUMMARY).read_text())["train_steps"]
             complete += 1
-        elif (run / "pruned.json").is_file():
-            steps += json.loads((run / "pruned.json").read_text())["train_steps"]
+        elif state is F.RunState.PRUNED:
+            steps += json.loads((run / F.PRUNED).read_text())["train_steps"]
             pruned += 1
     return steps, complete, pruned
 

@@ -1,6 +1,6 @@
 """How long ``tlit table`` takes for a full Table 3 (21 rows x 3 seeds), in process and as a fresh process.
 
-Builds synthetic run folders in a temporary directory (config.yaml, summary.json, metrics.csv with a training
+Builds synthetic run folders in a temporary directory (config, summary, metrics with a training
 log of the tiny scale's length, and dev hypotheses/references for the paired bootstrap), then times
 ``make_table`` in this process (imports already paid) and ``python -m experiments.cli table`` as a
 subprocess (what a user waits for). The target is under 5 seconds. The last line printed is a JSON object
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.grids.grid import load_grid  # noqa: E402
+from experiments.runs import folder as F  # noqa: E402
 from experiments.tables.build import SIGNIFICANCE_CACHE  # noqa: E402
-from transformer_lit import config as C  # noqa: E402
 from transformer_lit.params import count_parameters  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(400)]
@@ -56,7 +56,7 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
             cfg = grid.config(row, "tiny", seed)
             run_dir = root / "table3" / "tiny" / row / f"seed{seed}"
             run_dir.mkdir(parents=True)
-            C.dump_yaml(cfg, run_dir / "config.yaml")
+            F.write_config(run_dir, cfg)
             steps = cfg.train.max_steps
             ppl = 3.0 + 0.05 * i + 0.02 * seed
             lines = ["epoch,step,train/loss,train/lr,train/nll,val/loss,val/ppl"]
@@ -65,15 +65,15 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
                 if (step + 1) % 200 == 0:
                     val = ppl * (1 + 3 * (steps - step) / steps)
                     lines.append(f"0,{step},,,,{math.log(val):.4f},{val:.4f}")
-            (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+            F.write_atomic(run_dir / F.METRICS, "\n".join(lines) + "\n")
             hyp_rng = random.Random(hash((row, seed)))
             noise = 0.1 + 0.01 * i
             hyps = [
                 " ".join(w if hyp_rng.random() > noise else hyp_rng.choice(WORDS) for w in r.split())
                 for r in refs
             ]
-            (run_dir / "hyps_dev.txt").write_text("\n".join(hyps) + "\n")
-            (run_dir / "refs_dev.txt").write_text("\n".join(refs) + "\n")
+            F.write_atomic(run_dir / F.HYPS_DEV, "\n".join(hyps) + "\n")
+            F.write_atomic(run_dir / F.REFS_DEV, "\n".join(refs) + "\n")
             summary = {
                 "grid": "table3",
                 "scale": "tiny",
@@ -94,7 +94,7 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
                 "versions": {},
                 "status": "complete",
             }
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            F.write_summary(run_dir, summary)
             count += 1
     return count
 

@@ -88,6 +88,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.runs import folder as F
     from experiments.runs import run as R
 
     if args.run_dir is not None:  # a launcher's child: the config was resolved by the planner
@@ -98,9 +99,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, info = R.planned(run_dir, args.overrides)
     else:
         cfg, info, run_dir = _resolve_train(args)
-    existing = R.read_summary(run_dir)
-    if existing is not None and existing.get("status") == "complete":
-        print(f"{run_dir} is already complete (summary.json present); nothing to do")
+    status = F.classify(run_dir, expected=cfg, check_lock=False)  # a live lock: refused just below
+    if status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT):
+        raise F.RunFolderConflict(status.refusal(run_dir))
+    if status.state is F.RunState.COMPLETE:
+        print(f"{run_dir} is already complete (same config); nothing to do")
         return 0
     with _run_lock(run_dir):
         summary = R.train(cfg, run_dir, info)
@@ -370,8 +373,16 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     r.add_argument("overrides", nargs="*", metavar="section.field=value")
     r.set_defaults(func=cmd_grid_run)
 
-    st = gsub.add_parser("status", help="one line per run: done/running/failed/pending, PPL, BLEU, time")
+    st = gsub.add_parser(
+        "status", help="one line per run: complete/running/failed/interrupted/pending/..., PPL, BLEU, time"
+    )
     selection(st)
+    st.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="the overrides the grid was run with (a run with another config shows as conflict)",
+    )
     st.set_defaults(func=cmd_grid_status)
 
     pl = gsub.add_parser("plan", help="what grid run would run, sizes and rough cost; runs nothing")
@@ -430,7 +441,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
 def cmd_grid_status(args: argparse.Namespace) -> int:
     from experiments.grids import runner as gridrun
 
-    _, specs = _grid_specs(args, [])
+    _, specs = _grid_specs(args, args.overrides)
     print(gridrun.format_status([gridrun.run_state(s, args.lock_timeout) for s in specs]))
     return 0
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.runs.folder import checkpoint_files
 from transformer_lit.checkpoints import (
     average_checkpoints,
     average_state_dicts,
-    list_checkpoints,
     load_state_dict,
     save_state_dict,
 )
@@ -86,10 +86,10 @@ def test_averaging_mismatched_checkpoints_says_which(tmp_path: Path) -> None:
 def test_list_checkpoints_sorts_by_step(tmp_path: Path) -> None:
     for name in ("step=0001000.ckpt", "step=0000200.ckpt", "last.ckpt", "step=0000030.ckpt", "other.ckpt"):
         (tmp_path / name).write_bytes(b"")
-    files = list_checkpoints(tmp_path)
+    files = checkpoint_files(tmp_path)
     assert [p.name for p in files.periodic] == ["step=0000030.ckpt", "step=0000200.ckpt", "step=0001000.ckpt"]
     assert files.last == tmp_path / "last.ckpt"
-    assert list_checkpoints(tmp_path / "missing") == ([], None)
+    assert checkpoint_files(tmp_path / "missing") == ([], None)
 
 
 def test_save_and_load_roundtrip(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def test_lpt_makespan():
 
 
 def _fixture_runs(table3, root: Path) -> list[G.RunSpec]:
-    """base done, A1 failed, A2 running (held by us), A3 interrupted, A4 pending."""
+    """base complete, A1 failed, A2 running (held by us), A3 interrupted, A4 pending."""
     specs = gridrun.specs_for(table3, "tiny", rows="base,A", runs=root)
     by_row = {s.row: s for s in specs}
     for s in specs:
@@ -153,7 +153,7 @@ def test_status_lines_and_totals(table3, tmp_path):
     finally:
         lock.release()
     lines = {line.split()[0]: line for line in text.splitlines()[1:-1]}
-    assert "done" in lines["table3/tiny/base/seed0"] and "4.32" in lines["table3/tiny/base/seed0"]
+    assert "complete" in lines["table3/tiny/base/seed0"] and "4.32" in lines["table3/tiny/base/seed0"]
     assert "25.50" in lines["table3/tiny/base/seed0"] and "2m05s" in lines["table3/tiny/base/seed0"]
     assert (
         "failed" in lines["table3/tiny/A1/seed0"] and "exited with status 1" in lines["table3/tiny/A1/seed0"]
@@ -161,9 +161,9 @@ def test_status_lines_and_totals(table3, tmp_path):
     assert (
         "running" in lines["table3/tiny/A2/seed0"] and f"pid {os.getpid()}" in lines["table3/tiny/A2/seed0"]
     )
-    assert "pending (interrupted)" in lines["table3/tiny/A3/seed0"]
+    assert lines["table3/tiny/A3/seed0"].split()[1] == "interrupted"
     assert lines["table3/tiny/A4/seed0"].split()[1] == "pending"
-    assert text.splitlines()[-1] == "total 5: 1 done, 1 running, 1 failed, 2 pending (1 interrupted)"
+    assert text.splitlines()[-1] == "total 5: 1 complete, 1 running, 1 interrupted, 1 pending, 1 failed"
 
 
 def test_status_command(table3, tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_status_command(table3, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "total 5: 1 done, 0 running, 1 failed, 3 pending (1 interrupted)" in out
+    assert "total 5: 1 complete, 1 interrupted, 2 pending, 1 failed" in out
 
 
 def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
@@ -188,7 +188,8 @@ def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
     assert (
-        "done (skipped)" in lines["table3/tiny/base/seed0"] and "764,416" in lines["table3/tiny/base/seed0"]
+        "complete (skipped)" in lines["table3/tiny/base/seed0"]
+        and "764,416" in lines["table3/tiny/base/seed0"]
     )
     big_steps = G.load_grid("table3").config("big", "tiny").train.max_steps
     big = lines["table3/tiny/big/seed0"]
@@ -338,14 +339,11 @@ def test_real_grid_of_two_rows_on_two_cpu_slots(tmp_path):
         assert "cpu (1 threads)" in summary["device"]
         assert not (run_dir / "run.lock").exists()
         assert f"table3/tiny/{row}/seed0  done" in out.stdout
-    status = subprocess.run(
-        _tlit("grid", "status", "table3", "--scale", "tiny", "--rows", "C1,C4", "--runs", str(tmp_path)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "total 2: 2 done" in status.stdout
+    ask = ("grid", "status", "table3", "--scale", "tiny", "--rows", "C1,C4", "--runs", str(tmp_path))
+    status = subprocess.run(_tlit(*ask, *MICRO), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "total 2: 2 complete" in status.stdout
+    other = subprocess.run(_tlit(*ask), cwd=ROOT, capture_output=True, text=True, timeout=60)  # no overrides
+    assert "total 2: 2 conflict" in other.stdout and "(model.num_layers: 1 there, 2 now)" in other.stdout
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from experiments.launchers import base as B
 from experiments.launchers import local
-from experiments.runs import locks
+from experiments.runs import lockfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
 
 
 def alive(pid: int) -> bool:
-    return locks.pid_alive(pid)
+    return lockfile.pid_alive(pid)
 
 
 def test_sigterm_kills_children_and_exits_cleanly(tmp_path):

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.runs import locks
+from experiments.runs import folder as F
+from experiments.runs import lockfile, locks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def _write_lock(run_dir: Path, **fields) -> Path:
         "proc_start": None,
         **fields,
     }
-    path = run_dir / locks.LOCK_NAME
+    path = run_dir / F.LOCK
     path.write_text(json.dumps(data))
     return path
 
@@ -69,7 +70,7 @@ def test_lock_of_a_dead_process_here_is_broken(tmp_path):
 
 def test_reused_pid_does_not_keep_a_lock(tmp_path):
     """Our own pid, but a process start time that is not ours: the holder died and its pid was reused."""
-    start = locks.proc_start_time(os.getpid())
+    start = lockfile.proc_start_time(os.getpid())
     if start is None:
         return  # no /proc
     _write_lock(tmp_path, proc_start=start - 1)
@@ -85,7 +86,7 @@ def test_zombie_holder_counts_as_dead(tmp_path):
         time.sleep(0.02)
     try:
         if Path(f"/proc/{proc.pid}").is_dir():  # exited but not reaped: a zombie
-            assert not locks.pid_alive(proc.pid)
+            assert not lockfile.pid_alive(proc.pid)
     finally:
         proc.wait()
 
@@ -113,7 +114,7 @@ def test_heartbeat_touches_the_lock(tmp_path):
 
 
 def test_half_written_lock_is_busy_then_stale(tmp_path):
-    path = tmp_path / locks.LOCK_NAME
+    path = tmp_path / F.LOCK
     path.write_text("")
     assert not locks.RunLock(tmp_path).acquire()  # its holder may be writing it right now
     old = time.time() - 60
@@ -126,7 +127,7 @@ def test_release_never_removes_someone_elses_lock(tmp_path):
     assert lock.acquire()
     _write_lock(tmp_path, pid=1, hostname="some-other-node")  # replaced behind our back
     lock.release()
-    assert (tmp_path / locks.LOCK_NAME).exists()
+    assert (tmp_path / F.LOCK).exists()
 
 
 RACE = """

@@ -227,7 +227,8 @@ def test_study_reaches_its_count_and_a_rerun_continues_it(tmp_path: Path, monkey
     study = study_of(spec, url)
     assert [t.number for t in study.trials] == list(range(7))
     assert_no_trial_lost_or_repeated(study, tmp_path, 7)
-    folder = tmp_path / "results/runs/micro/tiny/trial0003/seed0"
+    key = study.user_attrs[sweeps.STUDY_KEY_ATTR]
+    folder = tmp_path / f"results/runs/micro/tiny/study-{key}/trial0003/seed0"
     assert (folder / "config.yaml").is_file()
     assert sweeps.run_sweep(spec, None) == 0 and len(study_of(spec, url).trials) == 7  # nothing left to do
     with pytest.raises(sweep_space.SweepError, match="different scale"):

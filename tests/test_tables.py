@@ -3,7 +3,7 @@ out by hand, bad inputs, run states, the W&B source (runs logged offline, the AP
 fast paired bootstrap with sacreBLEU's, no torch import, and the command end to end.
 
 Fixture runs (tests/fixtures/runs/table3/tiny, written by hand): base and A1 with two seeds; A3, C7, D3, big
-one seed; B1 seed0 complete + seed1 failed; C1 incomplete (config and checkpoints only); D1 a truncated
+one seed; B1 seed0 complete + seed1 failed; C1 interrupted (config and checkpoints only); D1 a truncated
 summary.json; D3 a truncated metrics.csv; C7 a summary without bleu_dev_tok; E a summary of another grid;
 X1 a row that is not in the grid file; the other rows are missing. base, A1, A3 and B1 keep dev outputs.
 """
@@ -158,7 +158,10 @@ def test_bleu_agreement_compares_tokenized_bleu_with_the_papers() -> None:
 
 def test_summary_lines_of_fixture(runs: Path) -> None:
     lines = fixture_table(runs).lines
-    assert lines[0] == "runs: 10 complete, 1 incomplete, 1 failed, 2 invalid, 28 missing (21 rows x 2 seeds)"
+    assert (
+        lines[0]
+        == "runs: 10 complete, 1 interrupted, 1 failed, 1 conflict, 1 corrupt, 28 missing (21 rows x 2 seeds)"
+    )
     assert any(s.startswith("Spearman correlation of dev PPL with the paper's over 7 rows") for s in lines)
     assert any("p < 0.05 in 1 of 3 rows" in s for s in lines)
 
@@ -191,7 +194,7 @@ def test_bad_inputs_are_notes_and_warnings(runs: Path, caplog: pytest.LogCapture
         ("tiny/X1", "not in the grid file"),
     ):
         assert any(path in m and what in m for m in warned.splitlines()), (path, warned)
-    assert line(table, "D1")["status"] == "1 invalid, 1 missing" and line(table, "D1")["seeds"] == 0
+    assert line(table, "D1")["status"] == "1 corrupt, 1 missing" and line(table, "D1")["seeds"] == 0
     assert "belongs to another run (grid=table3_wmt" in line(table, "E")["notes"]
     c7, d3 = line(table, "C7"), line(table, "D3")
     assert c7["status"].startswith("1 complete") and math.isnan(c7["bleu_dev_tok"]) and c7["ppl_dev"] == 2.95
@@ -206,7 +209,7 @@ def test_states_missing_failed_incomplete(runs: Path) -> None:
         line(table, "B1")["status"] == "1 complete, 1 failed"
         and "NonFiniteLossError" in line(table, "B1")["notes"]
     )
-    assert line(table, "C1")["status"] == "1 incomplete, 1 missing"
+    assert line(table, "C1")["status"] == "1 interrupted, 1 missing"
     assert line(table, "big")["notes"] == "seed0: trained 3000 of 3600 steps; seed1: no run folder"
     assert len(table.frame) == 21
 
@@ -242,7 +245,7 @@ def test_locks_running_interrupted_and_more_corruptions(tmp_path: Path) -> None:
     (run_dir / "summary.json").write_text(
         json.dumps({"grid": "table3", "scale": "tiny", "row": "base", "seed": 1})
     )
-    assert _record(run_dir).status == "invalid"  # seed1's summary in seed0's folder
+    assert _record(run_dir).status == "conflict"  # seed1's summary in seed0's folder
     (run_dir / "metrics.csv").write_bytes(b"\xff\xfe\x00garbage")
     (run_dir / "config.yaml").write_text("model: [unclosed")
     notes = "; ".join(_record(run_dir).notes)
@@ -388,7 +391,7 @@ def test_wandb_source_with_mocked_api(monkeypatch: pytest.MonkeyPatch) -> None:
         and "W&B state crashed" in line(table, "B1")["notes"]
     )
     assert line(table, "C1")["status"].startswith("1 running") and line(table, "D3")["status"].startswith(
-        "1 invalid"
+        "1 conflict"
     )
     assert line(table, "C2")["status"] == "missing"
     base_run = next(r for r in records if r.row == "base" and r.seed == 0)

@@ -13,27 +13,17 @@ read back by the same ``load_state_dict``.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from transformer_lit.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 PREFIX = "model."
-# Lightning's ModelCheckpoint(filename="step={step:07d}") writes step=0001000.ckpt (and -v1 on a name clash).
-_PERIODIC = re.compile(r"^step=(\d+)(?:-v\d+)?\.ckpt$")
-
-
-class CheckpointFiles(NamedTuple):
-    """The checkpoints of one run: periodic ones sorted by step (oldest first) and ``last.ckpt``."""
-
-    periodic: list[Path]
-    last: Path | None
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -58,21 +48,6 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
             log.debug("%s: ignoring %d non-model entries, e.g. %s", path, len(dropped), dropped[0])
         state = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     return state
-
-
-def list_checkpoints(ckpt_dir: str | Path) -> CheckpointFiles:
-    """Periodic ``step=NNNNNNN.ckpt`` files sorted by step, and ``last.ckpt`` (None when absent)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return CheckpointFiles([], None)
-    periodic = []
-    for p in ckpt_dir.iterdir():
-        m = _PERIODIC.match(p.name)
-        if m and p.is_file():
-            periodic.append((int(m.group(1)), p.stat().st_mtime, p))
-    periodic.sort(key=lambda x: (x[0], x[1]))
-    last = ckpt_dir / "last.ckpt"
-    return CheckpointFiles([p for _, _, p in periodic], last if last.is_file() else None)
 
 
 def _check_same(ref: dict[str, Tensor], state: dict[str, Tensor], ref_name: str, name: str) -> None:
@@ -140,10 +115,8 @@ def _average(sources: Iterable[tuple[str, Callable[[], dict[str, Tensor]]]]) -> 
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path) -> Path:
-    """Write a plain state dict (``torch.save``) atomically: a temp file renamed into place."""
+    """Write a plain state dict (``torch.save``) atomically and durably (``transformer_lit.atomic``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
     return path

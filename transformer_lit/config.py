@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from transformer_lit.atomic import write_atomic
+
 Positional = Literal["sinusoidal", "learned"]
 NormOrder = Literal["post", "pre"]
 Init = Literal["xavier", "fan_in"]
@@ -385,7 +387,7 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg))
+    write_atomic(path, to_yaml(cfg))
 
 
 def load_yaml(path: str | Path) -> RunConfig:

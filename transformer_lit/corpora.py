@@ -23,12 +23,12 @@ import hashlib
 import html
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformer_lit import synthetic
+from transformer_lit.atomic import write_atomic
 from transformer_lit.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def write_synthetic(out_dir: str | Path, cfg: DataConfig | int) -> list[Path]:
     for split, rows in zip(("train", "dev", "test"), splits, strict=True):
         for side, lang in enumerate(("en", "de")):
             path = out / f"{split}.{lang}"
-            path.write_text("".join(row[side] + "\n" for row in rows), encoding="utf-8")
+            write_atomic(path, "".join(row[side] + "\n" for row in rows))
             paths.append(path)
     return paths
 
@@ -127,10 +127,7 @@ def _synthetic_splits(cfg: DataConfig) -> tuple[tuple[Pair, ...], ...]:
         cfg.synthetic_seed, cfg.synthetic_pairs, cfg.synthetic_eval_pairs, max_words=cfg.synthetic_max_words
     )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(splits, ensure_ascii=False), "utf-8")
-        os.replace(tmp, path)  # atomic: concurrent runs read the whole file or none
+        write_atomic(path, json.dumps(splits, ensure_ascii=False))  # concurrent runs read all of it or none
     except OSError as err:
         log.warning("could not cache the synthetic corpus at %s: %s", path, err)
     return tuple(tuple(split) for split in splits)

@@ -28,12 +28,13 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
+
+from transformer_lit.atomic import write_atomic
 
 if TYPE_CHECKING:
     from transformer_lit.config import DataConfig
@@ -107,7 +108,7 @@ class Tokenizer:
     # -- files -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.model`` (the single file that ``load`` needs), atomically."""
-        _atomic_write(Path(path), self._proto)
+        write_atomic(path, self._proto)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -124,21 +125,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tokenizer_settings(vocab_size: int) -> dict[str, Any]:
@@ -253,5 +239,5 @@ def load_or_train_tokenizer(cfg: DataConfig, corpus: Corpus, *, key: str | None 
     tok = train_tokenizer(texts, cfg.vocab_size, source=corpus.name)
     tok.save(path)
     info = {"corpus_key": key, "vocab_size": tok.vocab_size, **tokenizer_settings(cfg.vocab_size)}
-    _atomic_write(path.parent / "info.json", json.dumps(info, indent=1).encode())
+    write_atomic(path.parent / "info.json", json.dumps(info, indent=1))
     return tok

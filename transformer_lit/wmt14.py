@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+from transformer_lit.atomic import write_atomic
 from transformer_lit.corpora import USE_TEXT_HINT, WMT14_MARKER, CorpusError, read_parallel
 from transformer_lit.download import DownloadError, fetch, file_sha256
 
@@ -107,7 +108,7 @@ def prepare_wmt14(
         "train_lines": counts,
         "test_pairs": test_pairs,
     }
-    (out / WMT14_MARKER).write_text(json.dumps(marker, indent=1))
+    write_atomic(out / WMT14_MARKER, json.dumps(marker, indent=1))
     log.info("WMT14 En-De prepared in %s: %d training lines", out, sum(counts.values()))
     return out
 

@@ -1,9 +1,9 @@
 """``tlit grid run / status / plan``: a grid's runs, what state each is in, and running the rest.
 
-The run folders are the only state: a run is *done* when its summary.json says complete, *running* while a
-live process holds its ``run.lock``, *failed* when ``failed.json`` records the last grid's verdict,
-*interrupted* when it has a log or checkpoint but none of the above (it resumes from its last
-checkpoint), and *pending* otherwise. So ``status`` works from any shell, during a run or after a crash.
+The run folders are the only state, read by ``experiments.runs.folder.classify`` (complete, running,
+failed, interrupted, pending, conflict, corrupt, ...), the same answer ``tlit table`` gives. So ``status``
+works from any shell, during a run or after a crash. ``run`` skips a complete run only if it holds the
+config asked for, and refuses, in one line, a folder that holds another run (before anything is written).
 
 Planning and status import no torch; only the training children do.
 """
@@ -11,7 +11,6 @@ Planning and status import no torch; only the training children do.
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, TextIO
 
 from experiments.grids import grid as G
 from experiments.launchers import base as B
+from experiments.runs import folder as F
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo
@@ -117,37 +117,34 @@ def specs_for(
 # State of a run folder
 
 
-@dataclass
-class RunState:
+@dataclass(frozen=True)
+class SpecStatus:
+    """A grid run and its folder's state."""
+
     spec: G.RunSpec
-    state: str
-    """done | running | failed | interrupted | pending."""
-    summary: dict[str, Any] | None = None
-    elapsed: float | None = None
-    detail: str = ""
+    status: F.Status
 
+    @property
+    def state(self) -> F.RunState:
+        return self.status.state
 
-def run_state(spec: G.RunSpec, lock_timeout: float = locks.DEFAULT_STALE_AFTER) -> RunState:
-    run_dir = spec.run_dir
-    summary = R.read_summary(run_dir)
-    if summary is not None and summary.get("status") == "complete":
-        return RunState(spec, "done", summary, summary.get("wall_seconds"))
-    holder = locks.lock_is_held(run_dir, lock_timeout)
-    if holder is not None:
-        return RunState(spec, "running", None, time.time() - holder.started, holder.describe())
-    failed = _read_json(run_dir / R.FAILED)
-    if failed is not None:
-        return RunState(spec, "failed", None, None, str(failed.get("error", "")))
-    if (run_dir / B.LOG_NAME).is_file() or (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return RunState(spec, "interrupted", None, None, "resumes from its last checkpoint")
-    return RunState(spec, "pending")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    @property
+    def elapsed(self) -> float | None:
+        if self.state is F.RunState.COMPLETE:
+            return (self.status.summary or {}).get("wall_seconds")
+        if self.state is F.RunState.RUNNING and self.status.lock is not None:
+            return time.time() - self.status.lock.started
         return None
+
+
+def identity(spec: G.RunSpec) -> dict[str, Any]:
+    """The names a run's summary carries (a summary with other names belongs to another run)."""
+    return {"grid": spec.grid, "scale": spec.scale, "row": spec.row, "seed": spec.seed}
+
+
+def run_state(spec: G.RunSpec, lock_timeout: float = locks.DEFAULT_STALE_AFTER) -> SpecStatus:
+    status = F.classify(spec.run_dir, expected=spec.config, identity=identity(spec), stale_after=lock_timeout)
+    return SpecStatus(spec, status)
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -166,25 +163,19 @@ def _num(summary: dict[str, Any] | None, key: str, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "-"
 
 
-def format_status(states: Sequence[RunState]) -> str:
+def format_status(states: Sequence[SpecStatus]) -> str:
     """One line per run, then totals (what ``tlit grid status`` prints)."""
-    label = {"interrupted": "pending (interrupted)"}
     width = max([len(s.spec.name) for s in states] + [3])
-    lines = [f"{'run':<{width}}  {'state':<21}  {'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
+    lines = [f"{'run':<{width}}  {'state':<11}  {'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
     for s in states:
+        summary = s.status.summary if s.state is F.RunState.COMPLETE else None
         lines.append(
-            f"{s.spec.name:<{width}}  {label.get(s.state, s.state):<21}  "
-            f"{_num(s.summary, 'ppl_dev', '.2f'):>8}  {_num(s.summary, 'bleu_dev', '.2f'):>8}  "
-            f"{fmt_seconds(s.elapsed):>8}  {s.detail}".rstrip()
+            f"{s.spec.name:<{width}}  {s.state.value:<11}  "
+            f"{_num(summary, 'ppl_dev', '.2f'):>8}  {_num(summary, 'bleu_dev', '.2f'):>8}  "
+            f"{fmt_seconds(s.elapsed):>8}  {s.status.detail}".rstrip()
         )
-    counts = {
-        k: sum(s.state == k for s in states) for k in ("done", "running", "failed", "interrupted", "pending")
-    }
-    lines.append(
-        f"total {len(states)}: {counts['done']} done, {counts['running']} running, "
-        f"{counts['failed']} failed, {counts['interrupted'] + counts['pending']} pending "
-        f"({counts['interrupted']} interrupted)"
-    )
+    counts = {k: sum(s.state is k for s in states) for k in F.RunState}
+    lines.append(f"total {len(states)}: " + ", ".join(f"{n} {k.value}" for k, n in counts.items() if n))
     return "\n".join(lines)
 
 
@@ -210,11 +201,11 @@ def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout:
         params = count_parameters(cfg.model, cfg.data.vocab_size)
         est = B.estimate_seconds(cfg, kind)
         state = run_state(spec, lock_timeout).state
-        if state != "done":
+        if state is not F.RunState.COMPLETE:
             todo.append(est * cfg.train.devices)
         lines.append(
             f"{spec.name:<{width}}  {spec.label[:20]:<20}  {params:>11,}  {cfg.train.max_steps:>8,}  "
-            f"{fmt_seconds(est):>8}  {'done (skipped)' if state == 'done' else state}"
+            f"{fmt_seconds(est):>8}  {'complete (skipped)' if state is F.RunState.COMPLETE else state.value}"
         )
     lines.append(
         f"{len(todo)} of {len(specs)} runs to do, ~{fmt_seconds(sum(todo))} of work, "
@@ -231,18 +222,24 @@ def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout:
 
 def grid_jobs(specs: Sequence[G.RunSpec], launcher: B.Launcher) -> tuple[list[B.Job], list[B.JobResult]]:
     """Jobs for the runs still to do, planned into their run folders (config.yaml and run.json written
-    here, once), and SKIPPED results for the complete ones. Every folder is checked before any is written:
-    one that holds another config stops the grid before anything runs (``RunFolderConflict``)."""
-    todo, skipped = [], []
+    here, once), and SKIPPED results for the complete ones with the config asked for. Every folder is
+    checked before any is written: one that holds another run (another config, complete or not, or another
+    run's summary) or cannot be used stops the grid before anything runs (``RunFolderConflict``, one line)."""
+    todo, skipped, refused = [], [], []
     for spec in specs:
-        if B.is_complete(spec.run_dir):
+        status = run_state(spec).status
+        if status.state is F.RunState.COMPLETE:
             locks.clear_stale(spec.run_dir)
             skipped.append(
                 B.JobResult(spec.name, spec.run_dir, B.JobState.SKIPPED, message="already complete")
             )
+        elif status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT):
+            refused.append(status.refusal(spec.run_dir, elsewhere="--runs"))
         else:
-            R.check_config(spec.run_dir, spec.config)
             todo.append(spec)
+    if refused:
+        more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
+        raise F.RunFolderConflict(refused[0] + more)
     for spec in todo:
         R.plan(spec.run_dir, spec.config, RunInfo(grid=spec.grid, scale=spec.scale, row=spec.row))
     return [job_for_spec(spec, launcher) for spec in todo], skipped
@@ -258,6 +255,7 @@ def job_for_spec(spec: G.RunSpec, launcher: B.Launcher) -> B.Job:
         run_dir=spec.run_dir,
         slots=cfg.train.devices,
         cost=B.estimate_seconds(cfg, launcher.kind),
+        expected=C.flat_dict(cfg),
     )
 
 
@@ -268,9 +266,9 @@ def final_lines(specs: Sequence[G.RunSpec], results: dict[str, B.JobResult]) -> 
     for spec in specs:
         r = results.get(spec.name)
         state = r.state.value if r else "pending"
-        summary = R.read_summary(spec.run_dir)
+        summary = F.read_summary(spec.run_dir)
         metrics = ""
-        if summary and summary.get("status") == "complete":
+        if summary:
             metrics = (
                 f"ppl_dev={_num(summary, 'ppl_dev', '.2f')} bleu_dev={_num(summary, 'bleu_dev', '.2f')} "
             )

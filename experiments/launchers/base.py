@@ -3,8 +3,9 @@
 A job is ``python -m experiments.cli train --run-dir RUN_DIR k=v ...`` as a list of strings (user strings
 never pass through a shell): the planning process has written the run's config.yaml and run.json, the child
 reads them, and its ``k=v`` are the launcher's run-time overrides only (devices, threads). Its stdout and
-stderr go to ``RUN_DIR/train.log``, appended across attempts, each attempt under a header line. A job is
-complete when its run folder's ``summary.json`` says so; an exit status of 0 without one is a failure.
+stderr go to the run folder's log (``folder.LOG``), appended across attempts, each attempt under a header
+line. A job is complete when its run folder is (``folder.classify``, with the job's config when it has
+one); an exit status of 0 without a complete folder is a failure.
 
 No torch here: planning and status import this module.
 """
@@ -23,14 +24,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from experiments.runs import run as R
+from experiments.runs import folder as F
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
 
 log = logging.getLogger(__name__)
 
-LOG_NAME = "train.log"
 TAIL_LINES = 20
 LOCK_HELD_ENV = "TLIT_RUN_LOCK_HELD"
 """Set in every child: its launcher holds the run's lock (so ``tlit train`` need not take it itself)."""
@@ -81,10 +82,12 @@ class Job:
     slots: int = 1
     cost: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
+    expected: dict[str, Any] | None = None
+    """The run's resolved config (flat); a complete folder with another config is not this job's."""
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / LOG_NAME
+        return self.run_dir / F.LOG
 
 
 @dataclass
@@ -149,9 +152,9 @@ def train_argv(run_dir: Path, runtime: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "experiments.cli", "train", "--run-dir", str(run_dir), *runtime]
 
 
-def is_complete(run_dir: Path) -> bool:
-    summary = R.read_summary(run_dir)
-    return summary is not None and summary.get("status") == "complete"
+def is_complete(job: Job) -> bool:
+    """The job's run folder is complete, with the job's config (``folder.classify``)."""
+    return F.classify(job.run_dir, expected=job.expected, check_lock=False).state is F.RunState.COMPLETE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def terminate(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
 
 def failure_message(returncode: int | None, run_dir: Path) -> str:
     if returncode == 0:
-        return f"exited 0 but {run_dir / R.SUMMARY} is missing or not complete"
+        return f"exited 0 but {run_dir / F.SUMMARY} is missing or not complete"
     if returncode is not None and returncode < 0:
         return f"killed by signal {signal.Signals(-returncode).name}"
     return f"exited with status {returncode}"
@@ -242,7 +245,9 @@ def failure_message(returncode: int | None, run_dir: Path) -> str:
 
 _FAKE_JOB = """
 import json, os, sys, time
-run_dir, seconds, fail_times, ledger = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+from transformer_lit.atomic import write_atomic
+run_dir, seconds, fail_times, ledger, summary = sys.argv[1:]
+seconds, fail_times = float(seconds), int(fail_times)
 os.makedirs(run_dir, exist_ok=True)
 def note(what):
     if ledger:
@@ -250,7 +255,7 @@ def note(what):
             f.write(f"{what} {run_dir} {os.getpid()} {time.time():.3f}\\n")
 counter = os.path.join(run_dir, "attempts.txt")
 n = int(open(counter).read()) if os.path.exists(counter) else 0
-open(counter, "w").write(str(n + 1))
+write_atomic(counter, str(n + 1))
 note("start")
 print(f"fake job {run_dir}: attempt {n + 1}, {seconds}s", flush=True)
 if n < fail_times:
@@ -269,12 +274,9 @@ done = time.monotonic() - start
 while done < seconds:
     time.sleep(min(0.1, seconds - done))
     done = time.monotonic() - start
-    open(progress + ".tmp", "w").write(str(done))
-    os.replace(progress + ".tmp", progress)
-tmp = os.path.join(run_dir, ".summary.tmp")
-with open(tmp, "w") as f:
-    json.dump({"status": "complete", "ppl_dev": 1.0 + seconds, "bleu_dev": 10.0, "wall_seconds": seconds}, f)
-os.replace(tmp, os.path.join(run_dir, "summary.json"))
+    write_atomic(progress, str(done))
+result = {"status": "complete", "ppl_dev": 1.0 + seconds, "bleu_dev": 10.0, "wall_seconds": seconds}
+write_atomic(os.path.join(run_dir, summary), json.dumps(result))
 note("done")
 """
 
@@ -290,8 +292,9 @@ def fake_job(
     cost: float | None = None,
 ) -> Job:
     """A job that lasts ``seconds`` from its process start (interpreter start-up included, as in a real
-    run's cost) and then writes a complete ``summary.json``; its first ``fail_times`` attempts exit 3
+    run's cost) and then writes a complete summary; its first ``fail_times`` attempts exit 3
     instead. Each start and finish is appended to ``ledger`` as ``start|done RUN_DIR PID TIME``. Killed and
     restarted, it resumes from the time it had already run (like a checkpointed run)."""
     argv = [sys.executable, "-c", _FAKE_JOB, str(run_dir), str(seconds), str(fail_times), str(ledger or "")]
+    argv.append(F.SUMMARY)
     return Job(name, argv, Path(run_dir), slots=slots, cost=seconds if cost is None else cost)

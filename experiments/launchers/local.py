@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from experiments.launchers import base as B
+from experiments.runs import folder as F
 from experiments.runs import locks
-from experiments.runs import run as R
 from transformer_lit.errors import no_gpu_message
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ class LocalLauncher(B.Launcher):
 
     def _try_start(self, w: _Waiting, now: float) -> None:
         job = w.job
-        if B.is_complete(job.run_dir):
+        if B.is_complete(job):
             locks.clear_stale(job.run_dir, self.lock_timeout)
             self._pending.remove(w)
             return self._finish(w, B.JobState.SKIPPED, w.note and "completed by another grid")
@@ -348,14 +348,14 @@ class LocalLauncher(B.Launcher):
             holder = locks.read_lock(job.run_dir)
             w.not_before, w.note = now + LOCK_RECHECK_S, f"held by {holder.describe() if holder else '?'}"
             return None
-        if B.is_complete(job.run_dir):  # finished between our check and our lock
+        if B.is_complete(job):  # finished between our check and our lock
             lock.release()
             self._pending.remove(w)
             return self._finish(w, B.JobState.SKIPPED, "completed by another grid")
         if w.note and self._failed_since_start(job):
             lock.release()
             self._pending.remove(w)
-            return self._finish(w, B.JobState.FAILED, "failed in another grid (see failed.json)")
+            return self._finish(w, B.JobState.FAILED, f"failed in another grid (see {F.FAILED})")
         w.attempts += 1
         slot_ids = tuple(self._free[: job.slots])
         del self._free[: job.slots]
@@ -371,7 +371,7 @@ class LocalLauncher(B.Launcher):
             self._free.extend(slot_ids)
             lock.release()
             self._pending.remove(w)
-            R.mark_failed(job.run_dir, f"could not start: {err}")
+            F.mark_failed(job.run_dir, f"could not start: {err}")
             return self._finish(w, B.JobState.FAILED, f"could not start: {err}")
         self._pending.remove(w)
         self._running[job.name] = _Running(w, proc, slot_ids, lock, time.time(), fd, _pidfd(proc.pid))
@@ -379,7 +379,7 @@ class LocalLauncher(B.Launcher):
         return None
 
     def _failed_since_start(self, job: B.Job) -> bool:
-        path = job.run_dir / R.FAILED
+        path = job.run_dir / F.FAILED
         with contextlib.suppress(OSError):
             return path.stat().st_mtime >= self._t0
         return False
@@ -396,7 +396,7 @@ class LocalLauncher(B.Launcher):
             w = r.waiting
             elapsed = time.time() - r.started
             w.seconds += elapsed
-            if rc == 0 and B.is_complete(r.job.run_dir):
+            if rc == 0 and B.is_complete(r.job):
                 r.lock.release()
                 self._spent += elapsed
                 self._estimated += r.job.cost
@@ -410,7 +410,7 @@ class LocalLauncher(B.Launcher):
                 self._pending.insert(self._position(w), w)
                 log.warning("%s: %s; retrying (%d/%d)", name, message, w.attempts, self.retries)
                 continue
-            R.mark_failed(r.job.run_dir, message, B.log_tail(r.job.log_path))
+            F.mark_failed(r.job.run_dir, message, B.log_tail(r.job.log_path))
             r.lock.release()
             self._finish(w, B.JobState.FAILED, message)
 

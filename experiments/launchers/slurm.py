@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.launchers import base as B
+from experiments.runs import folder as F
 from experiments.runs import locks
-from experiments.runs import run as R
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,11 @@ class TrainTask:
 
     def __call__(self, job: B.Job) -> dict[str, Any]:
         start = time.time()
-        if B.is_complete(job.run_dir):
+        if B.is_complete(job):
             return _skipped("already complete")
         lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
         while not lock.acquire():  # another grid runs it: wait for it (within this task's time)
-            if B.is_complete(job.run_dir):
+            if B.is_complete(job):
                 return _skipped("completed by another grid")
             time.sleep(max(self.poll, 5.0))
         self._lock = lock
@@ -151,7 +151,7 @@ class TrainTask:
             self._lock = None
 
     def _attempts(self, job: B.Job, start: float) -> dict[str, Any]:
-        if B.is_complete(job.run_dir):
+        if B.is_complete(job):
             return {
                 "state": B.JobState.SKIPPED.value,
                 "attempts": 0,
@@ -175,7 +175,7 @@ class TrainTask:
             finally:
                 os.close(fd)
                 self._proc = None
-            if rc == 0 and B.is_complete(job.run_dir):
+            if rc == 0 and B.is_complete(job):
                 return {
                     "state": B.JobState.DONE.value,
                     "attempts": self.attempts,
@@ -186,7 +186,7 @@ class TrainTask:
             B.append_log(job, f"attempt {self.attempts} failed: {message}")
             if rc == B.USER_ERROR_EXIT:
                 break
-        R.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+        F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
         return {
             "state": B.JobState.FAILED.value,
             "attempts": self.attempts,

@@ -9,7 +9,7 @@ A run folder needs nothing else (docs/DESIGN.md, "Run folder")::
 
 ``eval_run`` writes ``eval_<split>.json`` and ``hyps_<split>.txt``. When the decoding differs from the run's
 own (another beam, alpha or max_len_b than ``config.yaml``'s eval section, averaged or chosen weights), the
-names carry a tag, e.g. ``eval_dev_avg5.json``, so that ``hyps_dev.txt`` keeps matching summary.json's
+names carry a tag, e.g. ``eval_dev_avg5.json``, so that ``hyps_dev.txt`` keeps matching the summary's
 ``bleu_dev``.
 """
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiments.runs import folder as F
 from transformer_lit import config as C
 
 if TYPE_CHECKING:
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
     from transformer_lit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-CONFIG = "config.yaml"
-CKPT_DIR = "checkpoints"
-TOKENIZER = "tokenizer.model"
-LAST = "last.ckpt"
 
 
 class RunFolderError(ValueError):
@@ -50,17 +45,15 @@ class RunFolderError(ValueError):
 
 def _checkpoint_paths(run_dir: Path, average: int | None, checkpoint: str | None) -> list[Path]:
     """The checkpoint file(s) whose weights to use: one file, or the last ``average`` periodic ones."""
-    from transformer_lit.checkpoints import list_checkpoints
-
     if average is not None and checkpoint is not None:
         raise RunFolderError("give either average or checkpoint, not both")
-    ckpt_dir = run_dir / CKPT_DIR
+    ckpt_dir = run_dir / F.CKPT_DIR
     if checkpoint is not None:
         for candidate in (Path(checkpoint), run_dir / checkpoint, ckpt_dir / checkpoint):
             if candidate.is_file():
                 return [candidate]
         raise RunFolderError(f"checkpoint {checkpoint} not found (looked in . , {run_dir} and {ckpt_dir})")
-    files = list_checkpoints(ckpt_dir)
+    files = F.checkpoint_files(ckpt_dir)
     if average is not None:
         if average < 1:
             raise RunFolderError(f"average must be >= 1 checkpoints, got {average}")
@@ -74,7 +67,9 @@ def _checkpoint_paths(run_dir: Path, average: int | None, checkpoint: str | None
         return [files.last]
     if files.periodic:
         return [files.periodic[-1]]
-    raise RunFolderError(f"{run_dir} has no checkpoint ({CKPT_DIR}/{LAST} missing): has it trained yet?")
+    raise RunFolderError(
+        f"{run_dir} has no checkpoint ({F.CKPT_DIR}/{F.LAST_CKPT} missing): has it trained yet?"
+    )
 
 
 def load_run(
@@ -97,12 +92,12 @@ def load_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is not a run folder: no such directory")
-    if not (run_dir / CONFIG).is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
-    cfg = C.load_yaml(run_dir / CONFIG)
-    tok_path = run_dir / CKPT_DIR / TOKENIZER
+    if not (run_dir / F.CONFIG).is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {F.CONFIG}")
+    cfg = C.load_yaml(run_dir / F.CONFIG)
+    tok_path = run_dir / F.CKPT_DIR / F.TOKENIZER
     if not tok_path.is_file():
-        raise RunFolderError(f"{run_dir} has no {CKPT_DIR}/{TOKENIZER}: has it trained yet?")
+        raise RunFolderError(f"{run_dir} has no {F.CKPT_DIR}/{F.TOKENIZER}: has it trained yet?")
     paths = _checkpoint_paths(run_dir, average, checkpoint)
     tokenizer = Tokenizer.load(tok_path)
     state = average_checkpoints(paths) if len(paths) > 1 else load_state_dict(paths[0])
@@ -111,7 +106,7 @@ def load_run(
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise RunFolderError(f"{paths[-1]} does not fit {run_dir / CONFIG}'s model: {detail}") from None
+        raise RunFolderError(f"{paths[-1]} does not fit {run_dir / F.CONFIG}'s model: {detail}") from None
     log.info("loaded %s from %s", run_dir, paths[0].name if len(paths) == 1 else f"the mean of {len(paths)}")
     return cfg, model.eval(), tokenizer
 
@@ -213,12 +208,6 @@ def _tag(
     return "".join(f"_{p}" for p in parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def eval_run(
     run_dir: str | Path,
     split: str = "dev",
@@ -274,7 +263,7 @@ def eval_run(
         nll, ntok = teacher_forced_nll(model, tokenizer, pairs, batch_size=cfg.eval.batch_size)
     bleu, signature = sacre_bleu(hyps, refs)
     tag = _tag(cfg, beam, alpha, max_len_b, average, checkpoint)
-    hyps_file, eval_file = run_dir / f"hyps_{split}{tag}.txt", run_dir / f"eval_{split}{tag}.json"
+    hyps_file, eval_file = run_dir / F.hyps_name(split, tag), run_dir / F.eval_name(split, tag)
     result: dict[str, Any] = {
         "split": split,
         "bleu": bleu,
@@ -294,8 +283,8 @@ def eval_run(
         "decode_seconds": round(decode_seconds, 3),
         "hyps_file": hyps_file.name,
     }
-    _write_atomic(hyps_file, "".join(h.replace("\n", " ") + "\n" for h in hyps))
-    _write_atomic(eval_file, json.dumps(result, indent=2) + "\n")
+    F.write_atomic(hyps_file, "".join(h.replace("\n", " ") + "\n" for h in hyps))
+    F.write_atomic(eval_file, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -337,7 +326,7 @@ def average_run(run_dir: str | Path, last: int, out_file: str | Path) -> Path:
     from transformer_lit.checkpoints import average_checkpoints, save_state_dict
 
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    if not (run_dir / F.CONFIG).is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {F.CONFIG}")
     paths = _checkpoint_paths(run_dir, last, None)
     return save_state_dict(average_checkpoints(paths), out_file)

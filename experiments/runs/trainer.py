@@ -15,9 +15,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
+from experiments.runs import folder as F
 from experiments.runs.folder import RunInfo
+from experiments.runs.lightning_io import ResumableCSVLogger, VerifiedCheckpointIO, resume_checkpoint
 from experiments.runs.progress import StepProgressBar
 from transformer_lit import config as C
 from transformer_lit.data import TranslationDataModule
@@ -26,11 +27,6 @@ from transformer_lit.lit_module import TransformerLitModule
 from transformer_lit.params import count_parameters
 
 log = logging.getLogger(__name__)
-
-CKPT_DIR = "checkpoints"
-TOKENIZER = "tokenizer.model"
-HYPS_DEV = "hyps_dev.txt"
-REFS_DEV = "refs_dev.txt"
 
 
 def _precision(cfg: C.RunConfig) -> str:
@@ -51,12 +47,16 @@ def check_accelerator(cfg: C.RunConfig) -> None:
         )
 
 
-def build_trainer(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: list[Any]) -> L.Trainer:
+def build_trainer(
+    cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: list[Any], resume_step: int = 0
+) -> L.Trainer:
+    """The run's Trainer; ``resume_step``: the step of the checkpoint it resumes from (metrics.csv keeps the
+    rows before it). Checkpoints are written whole or not at all (``VerifiedCheckpointIO``)."""
     t = cfg.train
     accumulate = C.accumulation(cfg, _world_size(cfg))
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / CKPT_DIR,
-        filename="step={step:07d}",
+        dirpath=run_dir / F.CKPT_DIR,
+        filename=F.PERIODIC_CKPT,
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         monitor="step",
@@ -64,8 +64,9 @@ def build_trainer(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: lis
         save_top_k=t.keep_checkpoints,
         save_last=True,
         save_on_train_epoch_end=False,
+        enable_version_counter=False,  # a name is a step: a resumed run rewrites it, never adds "-v1"
     )
-    loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    loggers: list[Any] = [ResumableCSVLogger(run_dir, resume_step)]
     if t.wandb:
         loggers.append(_wandb_logger(cfg, run_dir, info))
     extra = [StepProgressBar(leave=True)] if t.progress_bar else []
@@ -87,6 +88,7 @@ def build_trainer(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: lis
         enable_model_summary=False,
         logger=loggers,
         callbacks=[checkpoint, *extra, *callbacks],
+        plugins=[VerifiedCheckpointIO()],
         default_root_dir=run_dir,
         deterministic=False,
     )
@@ -97,9 +99,9 @@ def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: RunInfo) -> Any:
 
     _configure_wandb_mode()
     flat = C.flat_dict(cfg) | {"grid": info.grid, "scale": info.scale, "row": info.row}
-    run_id_file = run_dir / "wandb_id.txt"  # the same W&B run continues after a resume
+    run_id_file = run_dir / F.WANDB_ID  # the same W&B run continues after a resume
     if not run_id_file.is_file():
-        run_id_file.write_text(uuid.uuid4().hex[:12])
+        F.write_atomic(run_id_file, uuid.uuid4().hex[:12])
     run_id = run_id_file.read_text().strip()
     logger = WandbLogger(
         project=cfg.train.wandb_project,
@@ -145,8 +147,9 @@ def _seed_and_threads(cfg: C.RunConfig) -> None:
 def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: list[Any]) -> dict | None:
     """Fit with resume, then dev PPL (all ranks) and dev BLEU (rank 0). Returns the summary on rank 0."""
     _seed_and_threads(cfg)
-    ckpt_dir = run_dir / CKPT_DIR
-    tokenizer_path = ckpt_dir / TOKENIZER
+    resume, resume_step = resume_checkpoint(run_dir)  # before any work: a broken folder fails at once
+    ckpt_dir = run_dir / F.CKPT_DIR
+    tokenizer_path = ckpt_dir / F.TOKENIZER
     dm = TranslationDataModule(
         cfg.data,
         seed=cfg.train.seed,
@@ -160,14 +163,12 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
 
     bleu_fn = _make_bleu_fn(cfg, dm, limit=cfg.eval.max_sentences)
     module = TransformerLitModule(cfg, dm.tokenizer.vocab_size, pad_id=dm.tokenizer.pad_id, bleu_fn=bleu_fn)
-    trainer = build_trainer(cfg, run_dir, info, callbacks)
-    last = ckpt_dir / "last.ckpt"
-    resume = str(last) if last.is_file() else None
     if resume:
-        log.info("resuming %s from %s", run_dir, last)
+        log.info("resuming %s from %s (step %d)", run_dir, resume, resume_step)
+    trainer = build_trainer(cfg, run_dir, info, callbacks, resume_step)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - start
     trainer.validate(module, datamodule=dm, verbose=False)
     ppl = module.last_val.get("val/ppl", float("nan"))
@@ -176,7 +177,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
     if not trainer.is_global_zero:
         return None
 
-    bleu = _make_bleu_fn(cfg, dm, limit=None, hyps_path=run_dir / HYPS_DEV)(module)
+    bleu = _make_bleu_fn(cfg, dm, limit=None, hyps_path=run_dir / F.HYPS_DEV)(module)
     wall = module.wall_seconds_before + fit_seconds  # fit_seconds: this attempt only
     summary = {
         "grid": info.grid,
@@ -201,7 +202,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    path.write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
+    F.write_atomic(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
 
 
 def _make_bleu_fn(
@@ -229,7 +230,7 @@ def _make_bleu_fn(
         module.model.train(was_training)
         if hyps_path is not None:  # kept for significance tests (paired bootstrap) by the tables
             _write_lines(hyps_path, hyps)
-            _write_lines(hyps_path.with_name(REFS_DEV), refs)
+            _write_lines(hyps_path.with_name(F.REFS_DEV), refs)
         score, signature = sacre_bleu(hyps, refs)
         return {"bleu": score, "bleu_tok": tokenized_bleu(hyps, refs), "signature": signature}
 

@@ -3,8 +3,9 @@
 ``tlit sweep FILE`` loads a sweep file (``sweep_file.py``), opens or creates its study (``sweep_storage.py``)
 and runs workers until the study holds ``trials`` finished (complete or pruned) trials:
 
-- a **trial** (``sweep_trials.py``) trains into ``results/runs/<study>/<scale>/trial<NNNN>/seed<k>``,
-  reporting dev PPL at every validation to the pruner; a pruned one writes ``pruned.json``.
+- a **trial** (``trials.py``) trains into ``results/runs/<study>/<scale>/study-<key>/trial<NNNN>/seed<k>``
+  (``<key>``: the study's own, so two studies never share a folder), reporting dev PPL at every validation
+  to the pruner; a pruned one's folder says so.
 - a **worker** loops: under the budget lock, fail stale trials (dead workers), count the trials and ask for
   one if the study still needs one (or a retry waits); then train it with a heartbeat. No trial is lost
   (a killed worker's trial is retried, resuming its run folder) or started beyond the budget.
@@ -35,9 +36,26 @@ from optuna.trial import TrialState
 from experiments.runs.prepare import prepare_for
 from experiments.sweeps import storage as sweep_storage
 from experiments.sweeps.space import SweepError, SweepSpec, make_pruner, make_sampler
-from experiments.sweeps.trials import PRUNED, STANDIN_ENV, Objective, make_objective, trial_dir
+from experiments.sweeps.trials import (
+    PRUNED,
+    STANDIN_ENV,
+    STUDY_KEY_ATTR,
+    Objective,
+    make_objective,
+    study_key,
+    trial_dir,
+)
 
-__all__ = ["PRUNED", "STANDIN_ENV", "open_study", "run_sweep", "run_trial", "run_worker", "trial_dir"]
+__all__ = [
+    "PRUNED",
+    "STANDIN_ENV",
+    "STUDY_KEY_ATTR",
+    "open_study",
+    "run_sweep",
+    "run_trial",
+    "run_worker",
+    "trial_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +121,7 @@ def open_study(spec: SweepSpec, storage: sweep_storage.Storage, *, worker: int =
         # The file's seed, offset per worker and by the trials already there: parallel workers and a rerun
         # (whose fresh random generators would repeat the first run's draws) sample different points.
         study.sampler = make_sampler(spec, seed=worker + 1009 * len(study.get_trials(deepcopy=False)))
+        study_key(study)  # drawn here, under the lock, so that parallel workers agree on it
         mine = _plain(spec.fingerprint())
         theirs = study.user_attrs.get(FINGERPRINT_ATTR)
         if theirs is None:

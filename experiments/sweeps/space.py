@@ -17,7 +17,7 @@ from typing import Any, Literal
 import optuna
 
 from experiments.grids import grid as G
-from experiments.runs.run import RUNTIME_FIELDS
+from experiments.runs.folder import RUNTIME_FIELDS
 from transformer_lit import config as C
 
 OBJECTIVES = {"ppl_dev": "minimize", "bleu_dev": "maximize"}

@@ -1,10 +1,12 @@
 """A sweep trial: its config and run folder, then training with pruning, or the test-only stand-in.
 
-A trial trains ``experiments.runs.run.train`` into ``results/runs/<study>/<scale>/trial<NNNN>/seed<k>`` (the
-run-folder contract with ``grid`` = study name, W&B group ``<study>/<scale>``), reporting its monitor (dev
-PPL) at every validation to the pruner. A pruned trial stops there and writes ``pruned.json``: the run folder
-says so while ``summary.json`` keeps meaning "complete" (tables treat the run as not done). A failed trial
-writes ``failed.json``. The retry of a killed trial (same parameters) resumes the original's run folder.
+A trial trains ``experiments.runs.run.train`` into the run folder
+``results/runs/<study>/<scale>/study-<key>/trial<NNNN>/seed<k>`` (the run-folder contract with ``grid`` =
+study name, W&B group ``<study>/<scale>``), reporting its monitor (dev PPL) at every validation to the
+pruner. ``<key>`` is drawn when the study is created and kept in its storage, so two studies of the same
+name (a new journal, another ``--storage``) never share a folder. A pruned trial stops there and its folder
+says so (``folder.PRUNED``; state "pruned", not complete). A failed trial's folder records its error
+(``folder.FAILED``). The retry of a killed trial (same parameters) resumes the original's run folder.
 
 Test-only stand-in: with ``TLIT_SWEEP_STANDIN=SECONDS`` in the environment a trial does not train; it sleeps
 SECONDS over four "validations", reports a deterministic function of its parameters (``standin_score``) and
@@ -14,29 +16,44 @@ workers use it; nothing else should.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from experiments.runs import folder as F
 from experiments.runs import run as R
-from experiments.runs.folder import RunInfo, write_json_atomic
+from experiments.runs.folder import RunInfo
 from experiments.sweeps.space import SweepSpec
 from transformer_lit import config as C
 
 STANDIN_ENV = "TLIT_SWEEP_STANDIN"
-PRUNED = "pruned.json"
+STANDIN_LOG = "standin.log"
+"""A stand-in trial's run folder: one line per attempt (tests count them)."""
+PRUNED = F.PRUNED
+STUDY_KEY_ATTR = "tlit_study_key"
+"""Study user attribute: the random key of the study's trial folders (set by ``runner.open_study``)."""
 
 Objective = Callable[[optuna.Trial], float | list[float]]
 
 
-def trial_dir(runs_root: str | Path, spec: SweepSpec, number: int, seed: int) -> Path:
-    return Path(runs_root) / spec.study / spec.scale / f"trial{number:04d}" / f"seed{seed}"
+def study_key(study: optuna.Study) -> str:
+    """The study's folder key: drawn once, kept in the study's storage. ``open_study`` draws it under the
+    budget lock; a study made otherwise (tests, a notebook) gets one here."""
+    key = study.user_attrs.get(STUDY_KEY_ATTR)
+    if not key:
+        key = uuid.uuid4().hex[:8]
+        study.set_user_attr(STUDY_KEY_ATTR, key)
+    return str(key)
+
+
+def trial_dir(runs_root: str | Path, spec: SweepSpec, key: str, number: int, seed: int) -> Path:
+    return Path(runs_root) / spec.study / spec.scale / f"study-{key}" / f"trial{number:04d}" / f"seed{seed}"
 
 
 def make_objective(spec: SweepSpec, runs_root: str | Path, extra: list[str]) -> Objective:
@@ -53,13 +70,14 @@ def prepare_trial(
     retry of a killed trial resumes the original's folder."""
     values = spec.trial_values(trial, extra)
     cfg = spec.config(values, extra)
-    run_dir = trial_dir(runs_root, spec, trial.number, cfg.train.seed)
+    key = study_key(trial.study)
+    run_dir = trial_dir(runs_root, spec, key, trial.number, cfg.train.seed)
     origin = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
     if origin is not None:
-        old = trial_dir(runs_root, spec, int(origin), cfg.train.seed)
-        with contextlib.suppress(OSError, ValueError):
-            if C.flat_dict(C.load_yaml(old / R.CONFIG)) == C.flat_dict(cfg):
-                run_dir = old
+        old = trial_dir(runs_root, spec, key, int(origin), cfg.train.seed)
+        unusable = (F.RunState.PENDING, F.RunState.CONFLICT, F.RunState.CORRUPT)
+        if F.classify(old, expected=cfg, check_lock=False).state not in unusable:
+            run_dir = old
     trial.set_user_attr("run_dir", str(run_dir))
     info = RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)
     R.plan(run_dir, cfg, info)
@@ -82,7 +100,7 @@ def train_objective(spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path,
     except BaseException as err:
         close_wandb("failed")
         if isinstance(err, Exception):
-            R.mark_failed(run_dir, f"{type(err).__name__}: {err}")
+            F.mark_failed(run_dir, f"{type(err).__name__}: {err}")
         raise
     return objective_values(spec, trial, summary)
 
@@ -100,8 +118,8 @@ def objective_values(spec: SweepSpec, trial: optuna.Trial, summary: dict[str, An
 def write_pruned(
     run_dir: Path, spec: SweepSpec, trial: optuna.Trial, step: int | None, max_steps: int, reported: dict
 ) -> None:
-    """``pruned.json``: the run folder's record of a trial stopped by the pruner (not complete for tables)."""
-    write_json_atomic(
+    """The run folder's record of a trial stopped by the pruner (state "pruned", not complete)."""
+    F.write_json_atomic(
         run_dir / PRUNED,
         {
             "status": "pruned",
@@ -122,7 +140,7 @@ def standin_objective(
 ) -> Any:
     """Test-only trial (``TLIT_SWEEP_STANDIN``): no training, same folders, reports and pruning."""
     cfg, _, run_dir = prepare_trial(spec, trial, runs_root, extra)
-    with (run_dir / "standin.log").open("a") as f:  # one line per attempt: tests look for duplicates
+    with (run_dir / STANDIN_LOG).open("a") as f:  # one line per attempt: tests look for duplicates
         f.write(f"{trial.number} {os.getpid()} {time.time():.3f}\n")
     score = standin_score(spec, trial.params)
     reported: dict[int, float] = {}
@@ -149,7 +167,7 @@ def standin_objective(
         "status": "complete",
         "stand_in": True,
     }
-    write_json_atomic(run_dir / R.SUMMARY, summary)
+    F.write_summary(run_dir, summary)
     return objective_values(spec, trial, summary)
 
 

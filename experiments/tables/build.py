@@ -18,7 +18,6 @@ import importlib.resources
 import io
 import logging
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from experiments.grids.grid import Grid, GridError, load_grid
+from experiments.runs import folder as F
 from experiments.tables import sources, stats
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _std(values: list[float]) -> float:
 
 def _row_config(grid: Grid, scale: str, row: str, records: list[sources.RunRecord]) -> dict[str, Any] | None:
     """The config a row ran with (a complete run's config.yaml first), else the grid's plan for it."""
-    for rec in sorted(records, key=lambda r: r.status != "complete"):
+    for rec in sorted(records, key=lambda r: r.status != F.RunState.COMPLETE):
         if rec.config:
             return rec.config
     if row in grid.rows:
@@ -110,7 +110,7 @@ def _group(row: str, ref: pd.DataFrame) -> str:
 
 def _status(recs: list[sources.RunRecord], seeds: list[int]) -> str:
     counts = Counter(r.status for r in recs)
-    counts["missing"] += len(set(seeds) - {r.seed for r in recs if r.seed is not None})
+    counts[sources.MISSING] += len(set(seeds) - {r.seed for r in recs if r.seed is not None})
     counts = Counter({s: n for s, n in counts.items() if n})
     if len(counts) == 1:
         return next(iter(counts))
@@ -124,10 +124,10 @@ def _notes(name: str, grid: Grid, recs: list[sources.RunRecord], seeds: list[int
             notes.append(("" if rec.seed is None else f"seed{rec.seed}: ") + "; ".join(rec.notes))
         steps, planned = rec.summary.get("train_steps"), (rec.config or {}).get("train.max_steps")
         stopped_early = isinstance(steps, int) and isinstance(planned, int) and steps < planned
-        if rec.status == "complete" and stopped_early:
+        if rec.status == F.RunState.COMPLETE and stopped_early:
             notes.append(f"seed{rec.seed}: trained {steps} of {planned} steps")
     present = {r.seed for r in recs}
-    if any(r.status != "missing" for r in recs):
+    if any(r.status != sources.MISSING for r in recs):
         notes += [f"seed{k}: no run folder" for k in seeds if k not in present]
     return "; ".join([*notes, *extra])
 
@@ -153,7 +153,7 @@ def build_table(
     lines = []
     for name in order:
         recs = by_row.get(name, [])
-        done = [r for r in recs if r.status == "complete"]
+        done = [r for r in recs if r.status == F.RunState.COMPLETE]
         cfg = _row_config(grid, scale, name, recs) or {}
         line: dict[str, Any] = {
             "row": name,
@@ -376,24 +376,7 @@ def publish(files: dict[Path, bytes], stale: Sequence[Path] = ()) -> None:
     """Write every file, or none: each goes to a temporary name beside its target (fsynced), and only when
     all are written are they renamed into place; then ``stale`` files (outputs of an earlier call that this
     one no longer makes, e.g. a curves plot without curves) are removed."""
-    temps: dict[Path, Path] = {}
-    try:
-        for path, data in files.items():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temps[path] = tmp
-            try:
-                with tmp.open("wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as err:  # name the file (a full disk's error names none), nothing replaced
-                raise OSError(err.errno, f"{err.strerror}; no output was replaced", str(path)) from None
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in temps.items():
-        os.replace(tmp, path)
+    F.write_atomic_all(files)
     for path in stale:
         if path not in files:
             path.unlink(missing_ok=True)

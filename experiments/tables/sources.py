@@ -1,17 +1,17 @@
 """Where a result table's runs come from: run folders (the record) or W&B (a sink that may hold the same).
 
 Both sources give one :class:`RunRecord` per run, with its status and the problems met reading it, so that a
-table shows every run of the grid: complete, failed, running, interrupted, incomplete, pending, invalid or
-missing, never silently dropped. A bad file (truncated ``summary.json``, garbage ``metrics.csv``, a folder
-holding another grid's run) gives a warning naming the file and a note on that run; the rest of the table is
-still built. No torch import: ``tlit table`` must stay fast.
+table shows every run of the grid, never silently dropped: a run folder's state comes from
+``experiments.runs.folder.classify`` (the states ``tlit grid status`` shows), and a row without any run is
+"missing". A bad file (a truncated summary, garbage metrics, a folder holding another grid's run) gives a
+warning naming the file and a note on that run; the rest of the table is still built. No torch import:
+``tlit table`` must stay fast.
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
-import json
 import logging
 import math
 import re
@@ -20,18 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from experiments.grids.grid import Grid
-from experiments.runs.locks import LOCK_NAME, lock_is_held, read_lock
-from experiments.runs.run import CONFIG, FAILED, SUMMARY
+from experiments.runs import folder as F
 from transformer_lit import config as C
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.csv"
-HYPS_DEV = "hyps_dev.txt"
-REFS_DEV = "refs_dev.txt"
 METRIC_FIELDS = (
     "params",
     "ppl_dev",
@@ -41,11 +35,10 @@ METRIC_FIELDS = (
     "train_tokens",
     "wall_seconds",
 )
-IDENTITY_FIELDS = ("grid", "scale", "row", "seed")
-STATUSES = ("complete", "running", "interrupted", "incomplete", "pending", "failed", "invalid", "missing")
+MISSING = "missing"
+"""A grid row with no run at all (no folder, no W&B run)."""
+STATUSES = (*(s.value for s in F.RunState), MISSING)
 Curve = list[tuple[int, float]]  # (step, dev PPL)
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~7x faster on 63 config files
 
 
 class TableSourceError(ValueError):
@@ -56,8 +49,8 @@ class TableSourceError(ValueError):
 class RunRecord:
     """One run of a grid row, as read from its folder or W&B.
 
-    ``status``: complete | failed | running | interrupted | incomplete | pending | invalid | missing.
-    Only complete runs enter means; the others are shown with their status and notes.
+    ``status``: a ``folder.RunState`` value, or "missing". Only complete runs enter means; the others are
+    shown with their status and notes.
     """
 
     row: str
@@ -98,24 +91,9 @@ def flat_config(values: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_summary(rec: RunRecord, summary: Any, expected: dict[str, Any], where: str | Path) -> None:
-    """Fill ``rec`` from a summary: another run's -> invalid; bad metrics -> NaN and a note."""
-    if not isinstance(summary, dict):
-        rec.status = "invalid"
-        rec.note("summary is not a JSON object", where)
-        return
-    rec.summary = summary
-    wrong = {k: summary[k] for k in IDENTITY_FIELDS if k in summary and summary[k] != expected[k]}
-    if wrong:
-        rec.status = "invalid"
-        said = " ".join(f"{k}={summary.get(k)}" for k in IDENTITY_FIELDS)
-        rec.note(f"belongs to another run ({said})", where)
-        return
-    rec.status = str(summary.get("status", "complete"))
-    if rec.status not in ("complete", "failed", "running"):
-        rec.note(f"unknown status {rec.status!r}", where)
-        rec.status = "invalid"
-    missing = [k for k in (*IDENTITY_FIELDS, *METRIC_FIELDS) if k not in summary]
+def check_metrics(rec: RunRecord, summary: dict[str, Any], where: str | Path) -> None:
+    """Notes on a summary's metrics: missing ones, and ones that are not numbers (they read as NaN)."""
+    missing = [k for k in (*F.IDENTITY_FIELDS, *METRIC_FIELDS) if k not in summary]
     if missing:
         rec.note(f"summary lacks {', '.join(missing)}", where)
     for name in METRIC_FIELDS:
@@ -146,66 +124,50 @@ def collect_folder_runs(grid: Grid, scale: str, runs_root: str | Path) -> list[R
                     continue
                 records.append(read_run_folder(seed_dir, grid, scale, row_dir.name, int(match.group(1))))
     seen = {r.row for r in records}
-    records += [RunRecord(row=row, seed=None, status="missing") for row in grid.rows if row not in seen]
+    records += [RunRecord(row=row, seed=None, status=MISSING) for row in grid.rows if row not in seen]
     for row in sorted(seen - set(grid.rows)):
         log.warning("%s: row %s is not in the grid file %s", root / row, row, grid.path)
     return records
 
 
 def read_run_folder(run_dir: Path, grid: Grid, scale: str, row: str, seed: int) -> RunRecord:
-    """Status, summary, config and learning curve of one run folder; problems become notes, never errors."""
-    rec = RunRecord(row=row, seed=seed, status="pending", path=run_dir)
-    expected = {"grid": grid.name, "scale": scale, "row": row, "seed": seed}
-    summary_path = run_dir / SUMMARY
-    if summary_path.is_file():
-        try:
-            check_summary(rec, json.loads(summary_path.read_text()), expected, summary_path)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            rec.status = "invalid"
-            rec.note(f"{SUMMARY} is not valid JSON (truncated?): {err}", summary_path)
-    else:
-        rec.status = _status_without_summary(rec, run_dir)
-    config_path = run_dir / CONFIG
-    if config_path.is_file():
-        try:
-            raw = yaml.load(config_path.read_text(), Loader=_Loader)  # noqa: S506 (a safe loader)
-            if not isinstance(raw, dict):
-                raise ValueError("not a mapping of sections")
-            rec.config = flat_config(raw)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as err:
-            rec.note(f"{CONFIG} is unreadable: {' '.join(str(err).split())[:120]}", config_path)
-    metrics_path = run_dir / METRICS
+    """Status, summary, config and learning curve of one run folder; problems become notes, never errors.
+
+    The run must be what its place says: its summary names this grid, scale, row and seed, and its config
+    has the row's own cells (``model.num_layers: 2`` for C1). Other fields may differ (a corpus given on
+    the command line applies to the whole grid, not to the row's label)."""
+    identity = {"grid": grid.name, "scale": scale, "row": row, "seed": seed}
+    status = F.classify(run_dir, expected=row_cells(grid, row, scale, seed), identity=identity)
+    rec = RunRecord(row=row, seed=seed, status=status.state.value, path=run_dir)
+    if status.where is not None:
+        rec.note(status.detail, status.where)
+    elif status.detail and status.state is not F.RunState.COMPLETE:
+        rec.notes.append(status.detail)
+    if status.summary is not None:
+        if status.state is F.RunState.COMPLETE:
+            rec.summary = status.summary
+        check_metrics(rec, status.summary, run_dir / F.SUMMARY)
+    if status.config is not None:
+        rec.config = C.flat_dict(status.config)
+    metrics_path = run_dir / F.METRICS
     if metrics_path.is_file():
         curve, problem = read_curve(metrics_path)
         if problem:
-            rec.note(f"{METRICS}: {problem}", metrics_path)
+            rec.note(f"{F.METRICS}: {problem}", metrics_path)
         rec.curve_loader = lambda: curve
     return rec
 
 
-def _status_without_summary(rec: RunRecord, run_dir: Path) -> str:
-    """The status of a folder without summary.json, in this order: a live lock (experiments/locks.py) means
-    running, even after an earlier failure (a retry); then failed.json; a stale lock means interrupted;
-    config or checkpoints, incomplete; an empty folder, pending."""
-    lock = read_lock(run_dir)
-    if lock is not None and lock_is_held(run_dir) is not None:
-        if lock.pid != -1:
-            rec.notes.append(lock.describe())
-        return "running"
-    failed_path = run_dir / FAILED
-    if failed_path.is_file():
-        try:
-            error = str(json.loads(failed_path.read_text()).get("error", "")).strip()
-            rec.notes.append(" ".join(error.split())[:160] or "failed")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            rec.note(f"{FAILED} is unreadable", failed_path)
-        return "failed"
-    if lock is not None:
-        rec.notes.append(f"stale {LOCK_NAME}" + (f" ({lock.describe()})" if lock.pid != -1 else ""))
-        return "interrupted"
-    if (run_dir / CONFIG).is_file() or (run_dir / "checkpoints").is_dir():
-        return "incomplete"
-    return "pending"
+def row_cells(grid: Grid, row: str, scale: str, seed: int) -> dict[str, Any]:
+    """The fields a grid row sets, as the scale resolves them (``{"model.num_layers": 2}`` for C1), except
+    ``train.*``: how long and where a run trains is the scale's and the command line's (``big``'s step count
+    moves with every scale and ``train.max_steps=N`` shortens a whole grid), not what the row ablates."""
+    cells = grid.rows[row].cells if row in grid.rows else {}  # a row not in the grid: warned about elsewhere
+    cells = {k: v for k, v in cells.items() if not k.startswith("train.")}
+    if not cells:
+        return {}
+    flat = C.flat_dict(grid.config(row, scale, seed))
+    return {k: flat[k] for k in cells}
 
 
 def read_curve(path: Path) -> tuple[Curve, str]:
@@ -255,19 +217,20 @@ def read_lines(path: Path) -> list[str] | None:
 
 
 WANDB_STATES = {
-    "finished": "complete",
-    "running": "running",
-    "pending": "pending",
-    "crashed": "failed",
-    "failed": "failed",
-    "killed": "failed",
-    "preempted": "interrupted",
-    "preempting": "running",
+    "finished": F.RunState.COMPLETE,
+    "running": F.RunState.RUNNING,
+    "pending": F.RunState.PENDING,
+    "crashed": F.RunState.FAILED,
+    "failed": F.RunState.FAILED,
+    "killed": F.RunState.FAILED,
+    "preempted": F.RunState.INTERRUPTED,
+    "preempting": F.RunState.RUNNING,
 }
 
 
 def collect_wandb_runs(grid: Grid, scale: str, path: str) -> list[RunRecord]:
-    """Runs of W&B group ``<grid>/<scale>`` in ``ENTITY/PROJECT`` (summary = summary.json, flat config)."""
+    """Runs of W&B group ``<grid>/<scale>`` in ``ENTITY/PROJECT`` (W&B summary = the run's summary, flat
+    config)."""
     grid.scale(scale)
     if not re.fullmatch(r"[^/\s]+/[^/\s]+", path or ""):
         raise TableSourceError(f"--wandb must be ENTITY/PROJECT, got {path!r}")
@@ -286,14 +249,15 @@ def collect_wandb_runs(grid: Grid, scale: str, path: str) -> list[RunRecord]:
         rec = wandb_record(run, grid.name, scale)
         key = (rec.row, rec.seed)
         if key in chosen:  # a rerun under a new W&B id: a complete run wins, else the first one listed
-            keep = rec if rec.status == "complete" and chosen[key].status != "complete" else chosen[key]
+            complete = F.RunState.COMPLETE.value
+            keep = rec if rec.status == complete and chosen[key].status != complete else chosen[key]
             keep.note("another W&B run of this row and seed was ignored", _wandb_where(run))
             chosen[key] = keep
         else:
             chosen[key] = rec
     records = list(chosen.values())
     seen = {r.row for r in records}
-    records += [RunRecord(row=row, seed=None, status="missing") for row in grid.rows if row not in seen]
+    records += [RunRecord(row=row, seed=None, status=MISSING) for row in grid.rows if row not in seen]
     if not runs:
         log.warning("wandb:%s: no runs in group %s", path, group)
     return records
@@ -307,15 +271,30 @@ def wandb_record(run: Any, grid: str, scale: str) -> RunRecord:
     row = str(raw_config.get("row") or summary.get("row") or run.job_type or "?")
     seed_value = summary.get("seed", raw_config.get("train.seed"))
     seed = None if math.isnan(_as_float(seed_value)) else int(seed_value)
-    status = WANDB_STATES.get(str(run.state).lower(), "invalid")
-    rec = RunRecord(row=row, seed=seed, status=status, config=config)
-    expected = {"grid": grid, "scale": scale, "row": row, "seed": seed}
-    if rec.status == "complete":
-        check_summary(rec, summary, expected, where)
-    elif rec.status == "failed":
+    state = WANDB_STATES.get(str(run.state).lower(), F.RunState.CORRUPT)
+    rec = RunRecord(row=row, seed=seed, status=state.value, config=config)
+    if state is F.RunState.CORRUPT:
+        rec.note(f"unknown W&B state {run.state!r}", where)
+    elif state is F.RunState.COMPLETE:
+        check_wandb_summary(rec, summary, {"grid": grid, "scale": scale, "row": row, "seed": seed}, where)
+    elif state is F.RunState.FAILED:
         rec.notes.append(f"W&B state {run.state}")
     rec.curve_loader = lambda: _wandb_curve(run, where)
     return rec
+
+
+def check_wandb_summary(
+    rec: RunRecord, summary: dict[str, Any], identity: dict[str, Any], where: str
+) -> None:
+    """A finished W&B run's summary: another run's makes it a conflict; bad metrics become notes."""
+    wrong = [k for k in F.IDENTITY_FIELDS if k in summary and summary[k] != identity[k]]
+    if wrong:
+        rec.status = F.RunState.CONFLICT.value
+        said = " ".join(f"{k}={summary.get(k)}" for k in F.IDENTITY_FIELDS)
+        rec.note(f"belongs to another run ({said})", where)
+        return
+    rec.summary = summary
+    check_metrics(rec, summary, where)
 
 
 def _wandb_where(run: Any) -> str:

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from experiments.runs import folder as F
 from experiments.tables import sources
 from transformer_lit.config import ModelConfig
 from transformer_lit.params import decoder_layer_params, encoder_layer_params
@@ -142,7 +142,7 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
         for rec in recs:
             counts[rec.status] = counts.get(rec.status, 0) + 1
         missing = len(set(seeds) - {r.seed for r in recs}) if recs else max(len(seeds), 1)
-        counts["missing"] = counts.get("missing", 0) + missing
+        counts[sources.MISSING] = counts.get(sources.MISSING, 0) + missing
     runs = ", ".join(f"{counts[s]} {s}" for s in sources.STATUSES if counts.get(s))
     n_seeds = max(len(seeds), 1)
     lines = [f"runs: {runs} ({len(frame)} rows x {n_seeds} seed{'s' if n_seeds > 1 else ''})"]
@@ -157,7 +157,7 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
     tested = frame["p_bleu"].dropna()
     if tested.empty:
         lines.append(
-            "p (BLEU): none (needs hyps_dev.txt and refs_dev.txt in the run folders of a row and base)"
+            f"p (BLEU): none (needs {F.HYPS_DEV} and {F.REFS_DEV} in the run folders of a row and base)"
         )
     else:
         lines.append(
@@ -165,7 +165,9 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
             f"seed {BOOTSTRAP_SEED}) of each row's dev output against base's of the same seed; "
             f"p < 0.05 in {(tested < 0.05).sum()} of {len(tested)} rows"
         )
-    done = [r for r in records if r.status == "complete" and not math.isnan(r.metric("wall_seconds"))]
+    done = [
+        r for r in records if r.status == F.RunState.COMPLETE and not math.isnan(r.metric("wall_seconds"))
+    ]
     hours = sum(r.metric("wall_seconds") * device_count(r.summary, r.config or {}) / 3600 for r in done)
     lines.append(f"cost: {FLOPS_FORMULA}; all complete runs: {hours:.3g} device-hours")
     return lines
@@ -190,7 +192,9 @@ def bleu_significance(
     references and the test's settings: a finished comparison never changes, and the test is the slowest
     part of a table (~0.1 s per row for 500 sentences).
     """
-    bases = {r.seed: r for r in by_row.get(base_row, []) if r.status == "complete" and r.path is not None}
+    bases = {
+        r.seed: r for r in by_row.get(base_row, []) if r.status == F.RunState.COMPLETE and r.path is not None
+    }
     lines: dict[Any, list[str] | None] = {}
 
     def read(rec: sources.RunRecord, name: str) -> list[str] | None:
@@ -202,11 +206,13 @@ def bleu_significance(
     jobs: dict[int, dict[str, list[str]]] = {}
     out: dict[str, tuple[float, str]] = {}
     for row, recs in by_row.items():
-        usable = [r for r in recs if r.status == "complete" and r.path is not None and r.seed in bases]
+        usable = [
+            r for r in recs if r.status == F.RunState.COMPLETE and r.path is not None and r.seed in bases
+        ]
         for rec in sorted(usable, key=lambda r: r.seed) if row != base_row else []:
             base = bases[rec.seed]
-            hyps, refs = read(rec, sources.HYPS_DEV), read(rec, sources.REFS_DEV)
-            base_hyps, base_refs = read(base, sources.HYPS_DEV), read(base, sources.REFS_DEV)
+            hyps, refs = read(rec, F.HYPS_DEV), read(rec, F.REFS_DEV)
+            base_hyps, base_refs = read(base, F.HYPS_DEV), read(base, F.REFS_DEV)
             if not all((hyps, refs, base_hyps, base_refs)):
                 continue
             if refs != base_refs:
@@ -219,7 +225,7 @@ def bleu_significance(
     known = _read_cache(cache)
     fresh: dict[str, float] = {}
     for k, systems in jobs.items():
-        base_hyps, refs = read(bases[k], sources.HYPS_DEV), read(bases[k], sources.REFS_DEV)
+        base_hyps, refs = read(bases[k], F.HYPS_DEV), read(bases[k], F.REFS_DEV)
         keys = {row: _cache_key(base_hyps, hyps, refs, n, seed) for row, hyps in systems.items()}
         todo = {row: hyps for row, hyps in systems.items() if keys[row] not in known}
         computed = paired_bootstrap_many(base_hyps, todo, refs, n=n, seed=seed) if todo else {}
@@ -251,15 +257,11 @@ def _read_cache(path: Path | None) -> dict[str, float]:
 
 
 def _write_cache(path: Path, values: dict[str, float]) -> None:
-    """Atomically (temp file + rename); a read-only runs folder just means no cache."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Atomically; a read-only runs folder just means no cache."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(values, indent=0, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        F.write_atomic(path, json.dumps(values, indent=0, sort_keys=True) + "\n")
     except OSError as err:
         log.debug("no significance cache at %s: %s", path, err)
-        tmp.unlink(missing_ok=True)
 
 
 def paired_bootstrap_many(
