@@ -215,7 +215,7 @@ def test_help_and_status_import_neither_torch_nor_lightning(table3, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "total 5: 1 done" in out.stdout and out.stdout.splitlines()[-1] == "heavy: []"
+    assert "total 5: 1 complete" in out.stdout and out.stdout.splitlines()[-1] == "heavy: []"
 
 
 def test_bad_devices_and_rows_fail_in_one_line(capsys):
