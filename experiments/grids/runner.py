@@ -221,10 +221,16 @@ def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout:
 
 
 def grid_jobs(specs: Sequence[G.RunSpec], launcher: B.Launcher) -> tuple[list[B.Job], list[B.JobResult]]:
-    """Jobs for the runs still to do, planned into their run folders (config.yaml and run.json written
-    here, once), and SKIPPED results for the complete ones with the config asked for. Every folder is
-    checked before any is written: one that holds another run (another config, complete or not, or another
-    run's summary) or cannot be used stops the grid before anything runs (``RunFolderConflict``, one line)."""
+    """Jobs for the runs still to do, planned into their run folders, and SKIPPED results for the complete
+    ones with the config asked for (``runs_to_do``, then ``plan_jobs``)."""
+    todo, skipped = runs_to_do(specs)
+    return plan_jobs(todo, launcher), skipped
+
+
+def runs_to_do(specs: Sequence[G.RunSpec]) -> tuple[list[G.RunSpec], list[B.JobResult]]:
+    """The runs not complete yet, and SKIPPED results for the complete ones. Writes nothing, but checks every
+    folder: one that holds another run (another config, complete or not, or another run's summary) or cannot
+    be used stops the grid before anything runs (``RunFolderConflict``, one line)."""
     todo, skipped, refused = [], [], []
     for spec in specs:
         status = run_state(spec).status
@@ -240,9 +246,15 @@ def grid_jobs(specs: Sequence[G.RunSpec], launcher: B.Launcher) -> tuple[list[B.
     if refused:
         more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
         raise F.RunFolderConflict(refused[0] + more)
+    return todo, skipped
+
+
+def plan_jobs(todo: Sequence[G.RunSpec], launcher: B.Launcher) -> list[B.Job]:
+    """Write each run's resolved config and names into its folder (config.yaml, run.json: here, once) and
+    make its job; the training child reads them."""
     for spec in todo:
         R.plan(spec.run_dir, spec.config, RunInfo(grid=spec.grid, scale=spec.scale, row=spec.row))
-    return [job_for_spec(spec, launcher) for spec in todo], skipped
+    return [job_for_spec(spec, launcher) for spec in todo]
 
 
 def job_for_spec(spec: G.RunSpec, launcher: B.Launcher) -> B.Job:
@@ -297,11 +309,11 @@ def run_grid(
 
     The runs' data is prepared first, here (on SLURM: on the submitting node, before the array is
     submitted); missing data stops the grid before any job starts (``experiments.runs.prepare``)."""
-    jobs, skipped = grid_jobs(specs, launcher)
+    todo, skipped = runs_to_do(specs)
     if skipped:
         print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
-    to_run = {job.name for job in jobs}
-    prepare_for((spec.config for spec in specs if spec.name in to_run), out)  # before any job starts
+    prepare_for((spec.config for spec in todo), out)  # before any run folder is written or job starts
+    jobs = plan_jobs(todo, launcher)
     results = {r.name: r for r in skipped}
     if jobs:
         with GridDisplay(jobs, out, live=live) as display:
