@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments.cli import main
-from experiments.launchers import local as L
+from experiments.launchers import local
 
 
 @pytest.fixture()
@@ -65,13 +65,13 @@ def test_train_accelerator_gpu_without_gpu_is_one_line(accelerator, tmp_path, ca
 
 
 def test_more_cpu_workers_than_cores_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    n = L.cpu_count() + 2
+    n = local.cpu_count() + 2
     with caplog.at_level(logging.WARNING):
-        assert len(L.parse_devices(f"cpu:{n}")) == n
-        L.parse_devices(f"cpu:{n}")
-        L.parse_devices(f"cpu:{L.cpu_count()}")
+        assert len(local.parse_devices(f"cpu:{n}")) == n
+        local.parse_devices(f"cpu:{n}")
+        local.parse_devices(f"cpu:{local.cpu_count()}")
     warned = [r.getMessage() for r in caplog.records if "CPU workers" in r.getMessage()]
     assert warned == [
-        f"--devices cpu:{n}: {n} CPU workers but {L.cpu_count()} core(s) here; "
+        f"--devices cpu:{n}: {n} CPU workers but {local.cpu_count()} core(s) here; "
         "they will share cores and each run slower (cpu:all gives one per core)"
     ]

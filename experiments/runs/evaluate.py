@@ -141,7 +141,7 @@ def teacher_forced_nll(
     longer than a learned position table are truncated (with a warning) instead of failing.
     """
     import torch
-    import torch.nn.functional as F
+    from torch.nn.functional import cross_entropy
 
     from transformer_lit.decoding import eval_mode, pad_batch, position_limit
 
@@ -167,7 +167,7 @@ def teacher_forced_nll(
             tgt_out = pad_batch([[*tgt[i], tokenizer.eos_id] for i in chunk], model.pad_id, device)  # (b, t)
             logits = model(src_b, tgt_in).float()  # (b, t, V)
             nll += float(
-                F.cross_entropy(
+                cross_entropy(
                     logits.flatten(0, 1), tgt_out.flatten(), ignore_index=model.pad_id, reduction="sum"
                 )
             )
