@@ -19,6 +19,7 @@ from experiments.grids import grid as G
 from experiments.grids import runner as gridrun
 from experiments.launchers import base as B
 from experiments.launchers import local
+from experiments.runs import folder as F
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo, read_info
@@ -103,6 +104,33 @@ def test_a_folder_with_another_config_stops_the_grid_before_anything_is_written(
     with pytest.raises(R.RunFolderConflict, match="holds a run with a different config"):
         gridrun.grid_jobs(specs, launcher)
     assert not specs[0].run_dir.exists()
+
+
+def test_a_finished_run_answers_only_for_its_own_config(table3, tmp_path, capsys):
+    """Issue 12: `--rows C1 model.dropout=0.3` printed "skipped ppl_dev=61.72", the dropout-0.1 result."""
+    (spec,) = gridrun.specs_for(table3, "tiny", rows="C1", runs=tmp_path)
+    R.plan(spec.run_dir, spec.config, RunInfo(grid="table3", scale="tiny", row="C1"))
+    summary = {
+        "grid": "table3",
+        "scale": "tiny",
+        "row": "C1",
+        "seed": 0,
+        "status": "complete",
+        "ppl_dev": 61.72,
+    }
+    F.write_summary(spec.run_dir, summary)
+    before = sorted(p.name for p in spec.run_dir.iterdir())
+    ask = ["grid", "run", "table3", "--scale", "tiny", "--rows", "C1", "--runs", str(tmp_path)]
+    assert cli.main([*ask, "--devices", "cpu:1", "model.dropout=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "holds a run with a different config (model.dropout: 0.1 there, 0.3 now)" in err
+    assert sorted(p.name for p in spec.run_dir.iterdir()) == before  # nothing written, nothing started
+    assert json.loads((spec.run_dir / F.SUMMARY).read_text()) == summary
+    assert (
+        cli.main([*ask, "--devices", "cpu:1", "train.num_threads=1"]) == 0
+    )  # same run, run-time field aside
+    assert "skipped" in capsys.readouterr().out
 
 
 def test_slots_follow_train_devices(table3, tmp_path):

@@ -27,6 +27,8 @@ from experiments.sweeps import report as sweep_report
 from experiments.sweeps import runner as sweeps
 from experiments.sweeps import space as sweep_space
 from experiments.sweeps import storage as sweep_storage
+from experiments.sweeps import trials as sweep_trials
+from transformer_lit import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "ablations" / "sweeps").glob("*.yaml"))
@@ -233,6 +235,33 @@ def test_study_reaches_its_count_and_a_rerun_continues_it(tmp_path: Path, monkey
     assert sweeps.run_sweep(spec, None) == 0 and len(study_of(spec, url).trials) == 7  # nothing left to do
     with pytest.raises(sweep_space.SweepError, match="different scale"):
         sweeps.run_sweep(sweep_file.load_sweep(path, scale="small"), None)  # same study name, another space
+
+
+def test_two_studies_of_one_name_never_share_a_trial_folder(tmp_path: Path, monkeypatch):
+    """Issue 12: a new study (another journal) of the same name on the same --runs recorded, for its trial 0,
+    the result of the first study's trial 0 (other parameters). Each study now has its own folders."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(sweeps.STANDIN_ENV, "0.01")
+    first = sweep_file.load_sweep(write_sweep(tmp_path, trials=2, pruner="none", pruner_options={}))
+    (tmp_path / "other").mkdir()
+    other = write_sweep(
+        tmp_path / "other", trials=2, pruner="none", pruner_options={}, sampler_options={"seed": 7}
+    )
+    second = sweep_file.load_sweep(other)
+    journals = [str(tmp_path / "a" / "journal.log"), str(tmp_path / "b" / "journal.log")]
+    assert sweeps.run_sweep(first, journals[0]) == 0
+    assert sweeps.run_sweep(second, journals[1]) == 0
+    a, b = (study_of(spec, url).trials for spec, url in zip((first, second), journals, strict=True))
+    assert a[0].params != b[0].params
+    folders_a = {Path(t.user_attrs["run_dir"]).resolve() for t in a}
+    folders_b = {Path(t.user_attrs["run_dir"]).resolve() for t in b}
+    assert len(folders_a) == len(folders_b) == 2 and not folders_a & folders_b
+    for t in b:  # each value is the second study's own trial's, trained in its own folder
+        assert t.value == pytest.approx(sweep_trials.standin_score(second, t.params))
+        assert (
+            C.load_yaml(Path(t.user_attrs["run_dir"]) / "config.yaml").model.num_heads
+            == t.params["model.num_heads"]
+        )
 
 
 def test_grid_sampler_visits_each_point_once(tmp_path: Path, monkeypatch):

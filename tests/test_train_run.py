@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 from experiments.cli import main as tlit
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo
+from experiments.tables.sources import read_curve
 from transformer_lit import config as C
 from transformer_lit.errors import NonFiniteLossError
 
@@ -57,6 +59,13 @@ def cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         **kw,
     )
+
+
+def metric_rows(run_dir: Path) -> list[tuple[str, ...]]:
+    """Every row of metrics.csv as written, but its epoch (Lightning's epoch counter at the final validation
+    differs after a resume; the steps and values must not)."""
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        return [tuple(v for k, v in row.items() if k != "epoch") for row in csv.DictReader(fh)]
 
 
 def val_losses(run_dir: Path) -> list[float]:
@@ -106,6 +115,11 @@ def test_run_folder_contract_and_rerun_is_a_noop(tmp_path, capsys):
     assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=20)]) == 0
     assert "already complete" in capsys.readouterr().out
     assert (out / "summary.json").stat().st_mtime == mtime
+    # a finished run answers only for its own config (issue 12): another dropout is refused in one line
+    assert tlit(["train", "--out", str(out), *micro_args(tmp_path, steps=20), "model.dropout=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config (model.dropout: 0.1 there, 0.3 now)" in err
+    assert err.count("\n") == 1 and (out / "summary.json").stat().st_mtime == mtime
 
 
 def test_other_config_in_same_folder_is_refused(tmp_path, capsys):
@@ -190,6 +204,10 @@ def test_sigkill_and_rerun_continues_to_the_same_result(tmp_path):
     assert b["train_steps"] == a["train_steps"] == 40
     assert b["ppl_dev"] == pytest.approx(a["ppl_dev"], rel=1e-9, abs=0)
     assert val_losses(killed)[-1] == pytest.approx(val_losses(straight)[-1], rel=1e-9, abs=0)
+    # metrics.csv holds the whole run once (issue 12): the rows before the kill are kept, the rows the killed
+    # attempt logged after its checkpoint are replaced, not doubled; the table's curve is the whole run's
+    assert metric_rows(killed) == metric_rows(straight)
+    assert read_curve(killed / "metrics.csv") == read_curve(straight / "metrics.csv") != []
 
 
 def test_runtime_fields_may_change_on_resume(tmp_path):

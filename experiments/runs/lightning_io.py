@@ -35,10 +35,13 @@ log = logging.getLogger(__name__)
 
 def load_problem(path: Path) -> str:
     """Why ``path`` cannot be resumed from ("" when it loads with ``weights_only=True``)."""
+    if not F.looks_whole(path):
+        return "cut short (its zip directory is missing or points past its end)"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure to load means "not this one"
-        return " ".join(str(err).split())[:160] or type(err).__name__
+        first = " ".join(str(err).split()).split(". ")[0]  # torch's messages go on about internals
+        return first[:160] or type(err).__name__
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a Lightning checkpoint (no state_dict or global_step)"
     return ""

@@ -170,6 +170,9 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - start
+    # The dev PPL after training is logged at the run's last step. Lightning logs it at its batch counter,
+    # which after a resumed fit ends one lower than after an uninterrupted one: metrics.csv would differ.
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
     trainer.validate(module, datamodule=dm, verbose=False)
     ppl = module.last_val.get("val/ppl", float("nan"))
 

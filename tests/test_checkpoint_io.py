@@ -1,0 +1,159 @@
+"""Checkpoints and metrics.csv across kills, failed resumes and a full disk (issue 12, must-fix 1 and 3).
+
+Real Lightning Trainer on the micro config of test_train_run; the full disk is a real 8 MB tmpfs (root only).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from experiments.cli import main as tlit
+from experiments.runs import folder as F
+from experiments.runs import run as R
+from experiments.runs.lightning_io import resume_checkpoint
+from experiments.tables.sources import read_curve
+from tests.test_train_run import micro_args
+from transformer_lit import config as C
+
+
+def metric_rows(run_dir: Path) -> list[tuple[int, str, str]]:
+    """(step, train/loss, val/ppl) of every row of metrics.csv."""
+    with (run_dir / F.METRICS).open(newline="") as fh:
+        return [(int(r["step"]), r["train/loss"], r["val/ppl"]) for r in csv.DictReader(fh)]
+
+
+def micro(tmp_path: Path, steps: int = 30) -> C.RunConfig:
+    return C.apply_overrides(C.base(), [*micro_args(tmp_path, steps), "train.val_every_n_steps=10"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume: an unreadable last.ckpt, none readable, a failed resume
+
+
+def test_unreadable_last_checkpoint_falls_back_to_a_periodic_one(tmp_path, caplog):
+    """last.ckpt cut short (a full disk): the run resumes from the newest loadable step=*.ckpt, warns naming
+    both, and ends where an uninterrupted run ends; metrics.csv keeps the rows before that checkpoint."""
+    cfg = micro(tmp_path)
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    R.train(cfg, straight)
+    shutil.copytree(straight, damaged)
+    (damaged / F.SUMMARY).unlink()
+    ckpts = damaged / F.CKPT_DIR
+    (ckpts / "step=0000030.ckpt").unlink()
+    last = ckpts / F.LAST_CKPT
+    last.write_bytes(last.read_bytes()[: last.stat().st_size * 2 // 3])
+    assert F.classify(damaged, expected=cfg).state is F.RunState.RECOVERABLE
+
+    summary = R.train(cfg, damaged)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "cannot be read" in r.getMessage()
+    ]
+    assert len(warned) == 1 and str(last) in warned[0] and str(ckpts / "step=0000020.ckpt") in warned[0]
+    assert summary["train_steps"] == 30
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 30  # rewritten whole
+    assert metric_rows(damaged) == metric_rows(straight)  # history kept, the rows after step 20 not doubled
+    assert read_curve(damaged / F.METRICS) == read_curve(straight / F.METRICS)
+
+
+def test_no_readable_checkpoint_is_one_line_and_keeps_the_history(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *micro_args(tmp_path, steps=20)]
+    assert tlit(args) == 0
+    (out / F.SUMMARY).unlink()
+    metrics = (out / F.METRICS).read_bytes()
+    for ckpt in (out / F.CKPT_DIR).glob("*.ckpt"):
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    capsys.readouterr()
+    assert tlit(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "no checkpoint is readable" in err and f"delete {out / F.CKPT_DIR}" in err
+    assert (out / F.METRICS).read_bytes() == metrics
+
+
+def test_a_failed_resume_keeps_metrics_csv(tmp_path, capsys):
+    """A last.ckpt that is a whole zip (the cheap check passes) but not a checkpoint: resume fails in one line
+    when torch.load verifies it, and neither metrics.csv nor the file is touched."""
+    out = tmp_path / "run"
+    cfg = micro(tmp_path, steps=10)
+    R.plan(out, cfg, F.RunInfo())
+    (out / F.METRICS).write_text("epoch,step,train/loss,val/ppl\n0,4,5.6,\n0,9,,147.0\n")
+    metrics = (out / F.METRICS).read_bytes()
+    (out / F.CKPT_DIR).mkdir()
+    torch.save({"anything": torch.zeros(3)}, out / F.CKPT_DIR / F.LAST_CKPT)
+    with pytest.raises(F.RunFolderConflict, match="no checkpoint is readable"):
+        resume_checkpoint(out)
+    assert tlit(["train", "--run-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint is readable" in err
+    assert (out / F.METRICS).read_bytes() == metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+class _FillDisk(L.Callback):
+    """Before the checkpoint of step ``at`` is written, fill the filesystem so that only half a checkpoint
+    fits (callbacks run before Lightning's ModelCheckpoint)."""
+
+    def __init__(self, at: int, filler: Path) -> None:
+        self.at, self.filler = at, filler
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            ckpt = self.filler.parent / F.CKPT_DIR / F.LAST_CKPT
+            st = os.statvfs(self.filler.parent)
+            room = st.f_bavail * st.f_frsize - ckpt.stat().st_size // 2
+            with self.filler.open("wb") as f:
+                f.write(b"\0" * max(0, room))
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (mount needs root and CAP_SYS_ADMIN); unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_never_leaves_a_truncated_checkpoint_and_the_rerun_resumes(tmp_path, small_disk):
+    """The probe of issue 12: the disk fills while a checkpoint is written. The save fails, the attempt
+    fails, the checkpoint under the name is the earlier, whole one, and no temporary file is left; once
+    space is freed the rerun resumes from it and finishes with the whole learning curve."""
+    cfg = micro(tmp_path, steps=30)
+    run_dir = small_disk / "run"
+    filler = run_dir / "filler"
+    with pytest.raises(Exception, match=r"(?i)no space|write failed|file write") as failure:
+        R.train(cfg, run_dir, callbacks=[_FillDisk(at=20, filler=filler)])
+    assert "Traceback" not in str(failure.value).splitlines()[0]
+    ckpts = run_dir / F.CKPT_DIR
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == [F.LAST_CKPT, "step=0000010.ckpt", F.TOKENIZER], names  # no .tmp, no step 20
+    last = torch.load(ckpts / F.LAST_CKPT, map_location="cpu", weights_only=True)
+    assert last["global_step"] == 10
+    assert F.classify(run_dir, expected=cfg).state is F.RunState.INTERRUPTED
+
+    filler.unlink()
+    summary = R.train(cfg, run_dir)
+    assert summary["train_steps"] == 30
+    val_steps = [step for step, _, ppl in metric_rows(run_dir) if ppl]
+    assert val_steps == [9, 19, 29, 30], val_steps  # each validation once: before and after the failure
