@@ -3,6 +3,7 @@ the jobs a grid builds, the progress display, and (slow) real grids on CPU, kill
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from experiments.runs import folder as F
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo, read_info
+from experiments.tables.sources import read_curve
 from transformer_lit import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,6 +443,11 @@ def test_real_grid_killed_then_resumed(tmp_path):
     log = (second / "train.log").read_text()
     assert "attempt 1/2" in log and "resuming" in log
     assert not (second / "run.lock").exists() and not (first / "run.lock").exists()
+    # the resumed run's metrics.csv holds the whole run, each validation once (issue 12)
+    curve, problem = read_curve(second / F.METRICS)
+    with (second / F.METRICS).open(newline="") as fh:
+        val_rows = [r for r in csv.DictReader(fh) if r["val/ppl"]]
+    assert not problem and [s for s, _ in curve] == [*range(1, 60, 2), 60] and len(val_rows) == len(curve)
 
 
 @pytest.mark.slow
