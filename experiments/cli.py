@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from experiments.runs.locks import LockBusy
 from transformer_lit import config as C
@@ -322,6 +323,70 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+LAUNCHER_HELP = "local: this node's --devices; slurm: one SLURM job array (options below)"
+
+
+def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    """The SLURM group of ``grid run`` and ``sweep`` (one task per run, or per sweep worker)."""
+    s = p.add_argument_group(
+        "slurm (--launcher slurm; --devices all: GPUs if the partition has them, cpu: CPU-only tasks, "
+        "cuda: GPUs; GPUs or cores per task = train.devices)"
+    )
+    s.add_argument("--partition", default=None)
+    s.add_argument(
+        "--time",
+        type=int,
+        default=24 * 60,
+        metavar="MINUTES",
+        help="per task; longer runs requeue",
+    )
+    s.add_argument("--mem", type=float, default=None, metavar="GB", help="memory per task (e.g. 2 or 1.5)")
+    s.add_argument("--cpus-per-gpu", type=int, default=8)
+    s.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        metavar="N",
+        help="time limits after which a run is marked failed instead of requeued (default: 3)",
+    )
+    s.add_argument(
+        "--signal-delay",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="USR2 (checkpoint and requeue) this long before the time limit (default: 120, at most --time/2)",
+    )
+    s.add_argument("--slurm-folder", default="results/slurm", help="submitit logs (on a shared filesystem)")
+    s.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. account=abc (repeatable)",
+    )
+    s.add_argument("--no-wait", action="store_true", help="submit and return (tlit grid status follows them)")
+
+
+def _slurm_options(args: argparse.Namespace, folder: Path, accelerators: set[str]) -> Any:
+    """``SlurmOptions`` from the SLURM group, checked (one line per bad value); GPUs or CPU-only tasks from
+    ``--devices`` and the partition."""
+    from experiments.launchers import slurm
+
+    opts = slurm.SlurmOptions(
+        folder=folder,
+        partition=args.partition,
+        time_min=args.time,
+        mem_gb=args.mem,
+        cpus_per_gpu=args.cpus_per_gpu,
+        max_requeues=args.max_requeues,
+        signal_delay_s=args.signal_delay,
+        extra=dict(C.parse_override(a) for a in args.slurm_arg),
+    )
+    opts.check()
+    opts.gpus = slurm.wants_gpus(args.devices or "all", args.partition, accelerators)
+    return opts
+
+
 def _add_grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="run a grid (rows x seeds) on this node or SLURM; its status; its plan")
     gsub = p.add_subparsers(dest="grid_cmd", required=True, parser_class=IntermixedParser)
@@ -351,25 +416,10 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     )
     selection(r)
     r.add_argument("--devices", default="all", help=devices)
-    r.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    r.add_argument("--launcher", choices=("local", "slurm"), default="local", help=LAUNCHER_HELP)
     r.add_argument("--retries", type=int, default=1, help="attempts after a failure (default: 1)")
     r.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
-    s = r.add_argument_group("slurm (--launcher slurm; GPUs per task = train.devices)")
-    s.add_argument("--partition", default=None)
-    s.add_argument(
-        "--time", type=int, default=24 * 60, metavar="MINUTES", help="per task; longer runs requeue"
-    )
-    s.add_argument("--mem", type=float, default=None, metavar="GB", help="memory per task")
-    s.add_argument("--cpus-per-gpu", type=int, default=8)
-    s.add_argument("--slurm-folder", default="results/slurm", help="submitit logs (on a shared filesystem)")
-    s.add_argument(
-        "--slurm-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, e.g. account=abc (repeatable)",
-    )
-    s.add_argument("--no-wait", action="store_true", help="submit and return (tlit grid status follows them)")
+    _add_slurm_options(r)
     r.add_argument("overrides", nargs="*", metavar="section.field=value")
     r.set_defaults(func=cmd_grid_run)
 
@@ -405,19 +455,13 @@ def _grid_specs(args: argparse.Namespace, overrides: list[str]) -> tuple:
 
 def cmd_grid_run(args: argparse.Namespace) -> int:
     from experiments.grids import runner as gridrun
-    from experiments.launchers.slurm import SlurmOptions
 
     overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
     grid, specs = _grid_specs(args, overrides)
-    extra = dict(C.parse_override(a) for a in args.slurm_arg)
-    slurm = SlurmOptions(
-        folder=Path(args.slurm_folder) / grid.name / specs[0].scale,
-        partition=args.partition,
-        time_min=args.time,
-        mem_gb=args.mem,
-        cpus_per_gpu=args.cpus_per_gpu,
-        extra=extra,
-    )
+    slurm = None
+    if args.launcher == "slurm":
+        folder = Path(args.slurm_folder) / grid.name / specs[0].scale
+        slurm = _slurm_options(args, folder, {s.config.train.accelerator for s in specs})
     launcher = gridrun.make_launcher(
         args.launcher,
         devices=args.devices,
@@ -428,12 +472,13 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
     )
     if args.launcher == "slurm":
         launcher.wait = not args.no_wait
+        launcher.preflight({s.config.train.devices for s in specs})
     else:
         from experiments.launchers.local import check_accelerator
 
         for spec in specs:
             check_accelerator(launcher.slots, spec.config.train.accelerator)
-    where = getattr(launcher, "slots", args.launcher)
+    where = getattr(launcher, "slots", launcher)
     print(f"{grid.name}/{specs[0].scale}: {len(specs)} runs on {where}, retries {args.retries}")
     return gridrun.run_grid(specs, launcher, sys.stdout)
 
@@ -442,7 +487,8 @@ def cmd_grid_status(args: argparse.Namespace) -> int:
     from experiments.grids import runner as gridrun
 
     _, specs = _grid_specs(args, args.overrides)
-    print(gridrun.format_status([gridrun.run_state(s, args.lock_timeout) for s in specs]))
+    states = [gridrun.run_state(s, args.lock_timeout) for s in specs]
+    print(gridrun.format_status(states, gridrun.slurm_states(states)))
     return 0
 
 
@@ -481,6 +527,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-best", action="store_true", help="best config as a grid file; runs nothing")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # started by --workers
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: workers on this node's --devices; slurm: the workers as one SLURM job array",
+    )
+    _add_slurm_options(p)
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(func=cmd_sweep)
 
@@ -519,6 +572,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"wrote {path}; run it with: tlit grid run {path} --scale {spec.scale} --seeds 3")
         return 0
     workers = args.workers
+    slurm = None
+    if args.launcher == "slurm":
+        from experiments.grids.runner import make_launcher
+
+        folder = Path(args.slurm_folder) / "sweeps" / spec.study
+        options = _slurm_options(args, folder, {spec.base_config().train.accelerator})
+        slurm = make_launcher("slurm", slurm=options, job_name=f"tlit-sweep-{spec.study}")
+        slurm.wait = not args.no_wait
+        slurm.preflight({spec.base_config().train.devices})
+        workers = workers or 1
     if workers is None:
         from experiments.launchers.local import parse_devices
 
@@ -532,6 +595,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweeps_root=args.sweeps,
         overrides=overrides,
         out=sys.stdout,
+        slurm=slurm,
     )
 
 

@@ -31,6 +31,19 @@ CASES = {
         name="tlit-table3-paper",
         tasks=20,
     ),
+    "table3_tiny_cpu_only": dict(
+        opts=S.SlurmOptions(
+            folder=Path("/shared/tlit/results/slurm/table3/tiny"),
+            partition="debug",
+            time_min=10,
+            mem_gb=1.5,
+            gpus=False,
+            max_requeues=1,
+        ),
+        slots=1,
+        name="tlit-table3-tiny",
+        tasks=4,
+    ),
     "table3_small_defaults": dict(
         opts=S.SlurmOptions(folder=Path("/shared/tlit/results/slurm/table3/small")),
         slots=1,
@@ -152,7 +165,7 @@ def test_timeout_requeues_the_task_and_the_run_resumes(tmp_path):
     starts = [line for line in ledger.read_text().splitlines() if line.startswith("start")]
     assert len(starts) >= 2  # interrupted at least once, then resumed
     log = job.log_path.read_text()
-    assert "requeued, resumes from its last checkpoint" in log
+    assert S.STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption") in log
     assert not (job.run_dir / "run.lock").exists()
 
 
@@ -171,6 +184,8 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
         return [Handle(i) for i in range(len(jobs))]
 
     monkeypatch.setattr(S.SlurmLauncher, "submit", fake_submit)
+    monkeypatch.setattr(S.SlurmLauncher, "preflight", lambda self, slots: submitted.update(slots=set(slots)))
+    monkeypatch.setattr(S.slurm_jobs, "partition_has_gpus", lambda partition: partition == "gpu")  # no GPU here
     done = tmp_path / "runs" / "table3" / "tiny" / "A1" / "seed0"
     done.mkdir(parents=True)
     (done / "summary.json").write_text('{"status": "complete"}')
@@ -202,6 +217,7 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
     assert cli.main(argv) == 0
     opts = submitted["options"]
     assert (opts.partition, opts.time_min, opts.mem_gb, opts.extra) == ("gpu", 90, 32.0, {"account": "nlp"})
+    assert opts.gpus and submitted["slots"] == {1}  # --devices all: the partition's GPUs
     assert opts.folder == tmp_path / "slurm" / "table3" / "tiny"
     assert submitted["cluster"] == "slurm" and submitted["name"] == "tlit-table3-tiny"
     assert [j.name for j in submitted["jobs"]] == [f"table3/tiny/A{i}/seed0" for i in (2, 3, 4)]

@@ -430,6 +430,14 @@ def _looks_like_float(text: str) -> bool:
     return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
 
 
+NOT_SUPPORTED = {
+    "train.num_nodes": "one run trains on one node (train.devices GPUs there, DDP); runs across several "
+    "nodes are not supported. Spread many runs over nodes instead: tlit grid run --launcher slurm "
+    "(docs/DESIGN.md)",
+}
+"""Keys users reach for that we refuse on purpose, with why (instead of "unknown config field")."""
+
+
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | tuple[str, ...]) -> RunConfig:
     """Return ``cfg`` with ``{"section.field": value}`` (or ``["section.field=value", ...]``) applied."""
     if not isinstance(overrides, dict):
@@ -437,6 +445,8 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | tupl
     values = to_dict(cfg)
     known = set(field_names())
     for key, value in overrides.items():
+        if key in NOT_SUPPORTED:
+            raise ValueError(f"{key}: {NOT_SUPPORTED[key]}")
         if key not in known:
             section = key.split(".", 1)[0]
             if section in SECTIONS:

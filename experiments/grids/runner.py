@@ -163,14 +163,31 @@ def _num(summary: dict[str, Any] | None, key: str, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "-"
 
 
-def format_status(states: Sequence[SpecStatus]) -> str:
-    """One line per run, then totals (what ``tlit grid status`` prints)."""
+def slurm_states(states: Sequence[SpecStatus]) -> dict[str, str]:
+    """``{run name: "123_4 RUNNING"}`` for the unfinished runs submitted to SLURM (their run folder names the
+    task): one squeue call for all of them. ``?`` where squeue does not answer (no SLURM client here)."""
+    from experiments.launchers import slurm_jobs
+
+    tasks = {}
+    for s in states:
+        if s.state is not F.RunState.COMPLETE and (recorded := F.read_slurm_job(s.spec.run_dir)) is not None:
+            tasks[s.spec.name] = recorded[0]
+    known = slurm_jobs.job_states(tasks.values())
+    return {name: f"{task} {known.get(task, '?')}" for name, task in tasks.items()}
+
+
+def format_status(states: Sequence[SpecStatus], slurm: dict[str, str] | None = None) -> str:
+    """One line per run, then totals (what ``tlit grid status`` prints); with ``slurm`` (``slurm_states``),
+    a column with each run's SLURM task and SLURM's state next to ours."""
     width = max([len(s.spec.name) for s in states] + [3])
-    lines = [f"{'run':<{width}}  {'state':<11}  {'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
+    swidth = max([len(v) for v in (slurm or {}).values()] + [5])
+    column = (lambda name: f"{(slurm or {}).get(name, '-'):<{swidth}}  ") if slurm else (lambda name: "")
+    head = f"{'slurm':<{swidth}}  " if slurm else ""
+    lines = [f"{'run':<{width}}  {'state':<11}  {head}{'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
     for s in states:
         summary = s.status.summary if s.state is F.RunState.COMPLETE else None
         lines.append(
-            f"{s.spec.name:<{width}}  {s.state.value:<11}  "
+            f"{s.spec.name:<{width}}  {s.state.value:<11}  {column(s.spec.name)}"
             f"{_num(summary, 'ppl_dev', '.2f'):>8}  {_num(summary, 'bleu_dev', '.2f'):>8}  "
             f"{fmt_seconds(s.elapsed):>8}  {s.status.detail}".rstrip()
         )

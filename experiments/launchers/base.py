@@ -188,11 +188,14 @@ def append_log(job: Job, text: str) -> None:
         f.write(f"=== {text} ===\n")
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def _die_with_parent(parent: int, ignore: Sequence[int] = ()) -> Callable[[], None]:
     """preexec_fn: on Linux, the child gets SIGKILL when the grid process dies (even by SIGKILL), so a
-    killed grid leaves no orphan training its runs behind a lock that is now stale."""
+    killed grid leaves no orphan training its runs behind a lock that is now stale. The signals in
+    ``ignore`` are ignored by the child (an ignored signal stays ignored across exec)."""
 
     def preexec() -> None:
+        for signum in ignore:
+            signal.signal(signum, signal.SIG_IGN)
         with contextlib.suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl
@@ -201,9 +204,12 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return preexec
 
 
-def spawn(job: Job, env: dict[str, str], log_fd: int, *, drop: Sequence[str] = ()) -> subprocess.Popen:
+def spawn(
+    job: Job, env: dict[str, str], log_fd: int, *, drop: Sequence[str] = (), ignore: Sequence[int] = ()
+) -> subprocess.Popen:
     """Start ``job`` as its own process group (so it can be killed with its DDP children), with this
-    process's environment plus ``job.env`` and ``env``, minus the variables named in ``drop``."""
+    process's environment plus ``job.env`` and ``env``, minus the variables named in ``drop``, ignoring
+    the signals in ``ignore`` (a SLURM task's USR2, which its launcher handles)."""
     full_env = {k: v for k, v in {**os.environ, **job.env, **env}.items() if k not in drop}
     return subprocess.Popen(
         job.argv,
@@ -212,7 +218,7 @@ def spawn(job: Job, env: dict[str, str], log_fd: int, *, drop: Sequence[str] = (
         stderr=subprocess.STDOUT,
         env=full_env,
         start_new_session=True,
-        preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        preexec_fn=_die_with_parent(os.getpid(), ignore) if sys.platform.startswith("linux") else None,  # noqa: PLW1509
     )
 
 

@@ -23,9 +23,13 @@ starts the k ranks on the node's k GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,12 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from experiments.launchers import base as B
+from experiments.launchers import slurm_jobs
 from experiments.runs import folder as F
 from experiments.runs import locks
 
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("slurm", "local", "debug")
+DEFAULT_SIGNAL_DELAY_S = 120
+"""SLURM sends USR2 this long before a task's time limit (``--signal``): time to stop and requeue."""
 
 
 def _skipped(message: str) -> dict[str, Any]:
@@ -55,12 +62,15 @@ class SlurmOptions:
     Attributes:
         folder: Where submitit keeps its pickles and logs (must be on a shared filesystem).
         partition: SLURM partition (None: the cluster's default).
-        time_min: Wall time limit per task, in minutes; a run that needs longer is requeued and resumes.
-        mem_gb: Memory per task in GB (None: the partition's default).
+        time_min: Wall time limit per task, in minutes (at least 1: SLURM reads 0 as no limit); a run that
+            needs longer is checkpointed ``signal_delay_s`` before the limit, requeued and resumed.
+        mem_gb: Memory per task in GB (None: the partition's default); sbatch gets ``2G`` or ``1536M``.
         cpus_per_gpu: CPU cores per GPU (data loading, tokenisation).
         gpus: Ask for ``train.devices`` GPUs per task (False: CPU-only tasks of ``train.devices`` cores).
         array_parallelism: Array tasks running at once.
-        max_requeues: Timeouts after which a run is not requeued any more (preemptions do not count).
+        max_requeues: Time limits after which a run is not requeued any more but marked failed (submitit's
+            ``max_num_timeout``; preemptions do not count).
+        signal_delay_s: Seconds before the time limit at which SLURM sends USR2 (the checkpoint signal).
         extra: Any other sbatch option (``{"account": "x", "qos": "high"}``).
     """
 
@@ -72,7 +82,40 @@ class SlurmOptions:
     gpus: bool = True
     array_parallelism: int = 64
     max_requeues: int = 3
+    signal_delay_s: int | None = None
+    """None: 120 s, or half the time limit when that is shorter."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signal_delay(self) -> int:
+        if self.signal_delay_s is not None:
+            return self.signal_delay_s
+        return min(DEFAULT_SIGNAL_DELAY_S, 30 * self.time_min)
+
+    def check(self) -> None:
+        """One line per bad value (a ValueError naming the flag), before anything is submitted."""
+        if self.time_min < 1:
+            raise ValueError(
+                f"--time must be at least 1 (minutes; SLURM reads 0 as no limit), got {self.time_min}"
+            )
+        if self.signal_delay_s is not None and not 1 <= self.signal_delay_s < 60 * self.time_min:
+            raise ValueError(
+                f"--signal-delay must be between 1 and --time ({60 * self.time_min} s) - 1 seconds, "
+                f"got {self.signal_delay_s}"
+            )
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ValueError(f"--mem must be a positive number of GB, got {self.mem_gb:g}")
+        if self.max_requeues < 0:
+            raise ValueError(f"--max-requeues must be 0 or more, got {self.max_requeues}")
+        if self.cpus_per_gpu < 1:
+            raise ValueError(f"--cpus-per-gpu must be at least 1, got {self.cpus_per_gpu}")
+
+
+def mem_text(mem_gb: float) -> str:
+    """Memory as sbatch reads it: whole GB as ``2G``, anything else as whole MB (``1.5`` -> ``1536M``)."""
+    if mem_gb == int(mem_gb):
+        return f"{int(mem_gb)}G"
+    return f"{max(1, round(mem_gb * 1024))}M"
 
 
 def sbatch_parameters(opts: SlurmOptions, slots: int, name: str) -> dict[str, Any]:
@@ -83,7 +126,7 @@ def sbatch_parameters(opts: SlurmOptions, slots: int, name: str) -> dict[str, An
         "nodes": 1,
         "ntasks_per_node": 1,
         "cpus_per_task": opts.cpus_per_gpu * slots if opts.gpus else slots,
-        "signal_delay_s": 120,
+        "signal_delay_s": opts.signal_delay,
         "array_parallelism": opts.array_parallelism,
         "stderr_to_stdout": True,
         "additional_parameters": {"requeue": True, **opts.extra},
@@ -93,7 +136,7 @@ def sbatch_parameters(opts: SlurmOptions, slots: int, name: str) -> dict[str, An
     if opts.partition:
         params["partition"] = opts.partition
     if opts.mem_gb is not None:
-        params["mem"] = opts.mem_gb
+        params["mem"] = mem_text(opts.mem_gb)  # submitit's SlurmExecutor passes it as it is
     return params
 
 
@@ -102,40 +145,125 @@ def sbatch_script(opts: SlurmOptions, slots: int, name: str, tasks: int, python:
     from submitit.slurm import slurm as S
 
     params = sbatch_parameters(opts, slots, name)
-    if "mem" in params:
-        params["mem"] = S._convert_mem(params["mem"])
     python = python or shlex.quote(sys.executable)
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(opts.folder))])
     return S._make_sbatch_string(command=command, folder=opts.folder, map_count=tasks, **params)
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def wants_gpus(devices: str, partition: str | None, accelerators: set[str] = frozenset()) -> bool:
+    """Whether tasks ask for GPUs: ``--devices all`` when the partition has GPUs, ``cuda`` always, ``cpu``
+    never (CPU-only tasks). A run that insists on a GPU (``train.accelerator=cuda``) on CPU-only tasks is
+    refused in one line (it would silently train on CPU)."""
+    text = devices.strip().lower()
+    kind = text.partition(":")[0]
+    if text == "all":
+        gpus = slurm_jobs.partition_has_gpus(partition)
+    elif kind == "cpu":
+        gpus = False
+    elif text in ("cuda", "gpu", "cuda:all", "gpu:all"):
+        gpus = True
+    else:
+        raise ValueError(
+            f"--devices {devices!r} with --launcher slurm: use all (GPUs if the partition has them), cpu "
+            "(CPU-only tasks) or cuda (GPUs); each task gets train.devices of them"
+        )
+    insisting = sorted(a for a in accelerators if a in GPU_ACCELERATORS)
+    if insisting and not gpus:
+        where = f"partition {partition}" if partition else "the default partition"
+        why = "--devices cpu asks for CPU-only tasks" if kind == "cpu" else f"{where} has no GPUs"
+        raise ValueError(
+            f"train.accelerator={insisting[0]} asks for GPUs but {why}; use train.accelerator=auto"
+        )
+    return gpus
+
+
+def check_submission(opts: SlurmOptions, slot_counts: Sequence[int], name: str) -> None:
+    """Everything sbatch would refuse, refused here in one line before any array is submitted: no SLURM
+    client, a bad option, GPUs asked of a partition without any, and whatever ``sbatch --test-only`` says
+    of each array's script (an unknown partition, account or constraint: SLURM's own words)."""
+    opts.check()
+    missing = [c for c in ("sbatch", "squeue", "srun") if shutil.which(c) is None]
+    if missing:
+        raise ValueError(
+            f"--launcher slurm: {missing[0]} is not on PATH (no SLURM client here); "
+            "submit from a login node, or use --launcher local"
+        )
+    if opts.gpus and not slurm_jobs.partition_has_gpus(opts.partition):
+        where = f"partition {opts.partition}" if opts.partition else "the default partition"
+        raise ValueError(
+            f"the runs ask for GPUs (train.devices per task) but {where} has none (sinfo lists no gpu "
+            "gres); use --devices cpu for CPU-only tasks, or --partition with GPUs"
+        )
+    folder = Path(opts.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for slots in sorted(set(slot_counts)):
+        script = folder / f".test-only-{os.getpid()}-{slots}.sh"
+        script.write_text(sbatch_script(opts, slots, name, 1))
+        try:
+            out = subprocess.run(
+                ["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60
+            )
+        finally:
+            script.unlink(missing_ok=True)
+        if out.returncode != 0:
+            raise ValueError(f"sbatch refuses the job array: {slurm_jobs.one_line(out.stderr or out.stdout)}")
 
 
 HIDDEN_FROM_LIGHTNING = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE")
 """Without these, Lightning does not take the one SLURM task for its DDP world and spawns its own ranks."""
 
 
+STOPPED_LINE = "stopped by {signal} ({why}); resumes from its last checkpoint when SLURM starts it again"
+"""The log line of the task's checkpoint handler (tests look for it)."""
+
+
 class TrainTask:
     """The callable submitit runs for each array task: one run, with lock, retries and requeue.
 
     Checkpointable the submitit way (a ``__call__`` and a ``checkpoint`` that resubmits itself); the
-    model state lives in the run folder's checkpoints, not in this object.
+    model state lives in the run folder's checkpoints, not in this object. Signals:
+
+    - USR2 (``--signal``, before the time limit, or ``scancel --signal=USR2``): submitit calls
+      ``checkpoint``, which stops the training process and requeues the task (up to ``max_requeues``
+      time limits; past them the run is marked failed with that reason). The training process ignores USR2
+      (SLURM signals every process of the step), so it is stopped only by us, between two steps.
+    - SIGTERM (``scontrol requeue``, ``scancel``, preemption): SLURM stops the whole job and decides whether
+      it comes back; the task stops its training process, frees the run and writes no result, so that a
+      requeued task is still followed and a cancelled one reads as interrupted.
     """
 
-    def __init__(self, retries: int = 1, lock_timeout: float = locks.DEFAULT_STALE_AFTER, poll: float = 1.0):
+    def __init__(
+        self,
+        retries: int = 1,
+        lock_timeout: float = locks.DEFAULT_STALE_AFTER,
+        poll: float = 1.0,
+        max_requeues: int = 3,
+    ):
         self.retries = retries
         self.lock_timeout = lock_timeout
         self.poll = poll
+        self.max_requeues = max_requeues
         self.attempts = 0
+        self.seconds_before = 0.0
+        """Wall seconds of this run's earlier segments (before requeues by ``checkpoint``)."""
         self._proc: Any = None
         self._lock: locks.RunLock | None = None
+        self._stopped_by: str | None = None
+        self._start = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_lock", "_stopped_by")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _proc=None, _lock=None)
+        self.__dict__.update(state, _proc=None, _lock=None, _stopped_by=None)
 
     def __call__(self, job: B.Job) -> dict[str, Any]:
-        start = time.time()
+        from submitit.core.utils import UncompletedJobError
+
+        self._start = time.time()
         if B.is_complete(job):
             return _skipped("already complete")
         lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
@@ -145,27 +273,58 @@ class TrainTask:
             time.sleep(max(self.poll, 5.0))
         self._lock = lock
         try:
-            return self._attempts(job, start)
+            with self._sigterm_stops(job):
+                return self._attempts(job)
+        except UncompletedJobError as err:  # submitit's USR2 handler, past --max-requeues time limits
+            message = f"timed out more than --max-requeues {self.max_requeues} times ({err})"
+            B.append_log(job, f"not requeued: {message}")
+            F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+            return self._result(B.JobState.FAILED, message)
         finally:
             lock.release()
             self._lock = None
 
-    def _attempts(self, job: B.Job, start: float) -> dict[str, Any]:
+    def _result(self, state: B.JobState, message: str = "") -> dict[str, Any]:
+        seconds = self.seconds_before + time.time() - self._start
+        return {"state": state.value, "attempts": self.attempts, "seconds": seconds, "message": message}
+
+    @contextlib.contextmanager
+    def _sigterm_stops(self, job: B.Job):
+        """SIGTERM: remember it and pass it on to the training process (submitit only logs it)."""
+
+        def handler(signum: int, _frame: object) -> None:
+            self._stopped_by = signal.Signals(signum).name
+            if self._proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, signal.SIGTERM)
+
+        try:
+            old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (a test calling us directly)
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    def _attempts(self, job: B.Job) -> dict[str, Any]:
         if B.is_complete(job):
-            return {
-                "state": B.JobState.SKIPPED.value,
-                "attempts": 0,
-                "seconds": 0.0,
-                "message": "completed by another grid",
-            }
+            return _skipped("completed by another grid")
         message = ""
         while self.attempts <= self.retries:
+            if self._stopped_by is not None:
+                self._wait_for_slurm(job)
             self.attempts += 1
-            where = f"{locks.hostname()} slurm job {os.environ.get('SLURM_JOB_ID', '?')}"
+            where = f"{locks.hostname()} slurm job {_task_id()}"
             fd = B.open_log(job, self.attempts, self.retries + 1, where)
             try:
                 self._proc = B.spawn(
-                    job, {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"}, fd, drop=HIDDEN_FROM_LIGHTNING
+                    job,
+                    {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"},
+                    fd,
+                    drop=HIDDEN_FROM_LIGHTNING,
+                    ignore=(signal.SIGUSR2,),
                 )
                 while self._proc.poll() is None:
                     assert self._lock is not None
@@ -175,27 +334,36 @@ class TrainTask:
             finally:
                 os.close(fd)
                 self._proc = None
+            if self._stopped_by is not None:
+                self._wait_for_slurm(job)
             if rc == 0 and B.is_complete(job):
-                return {
-                    "state": B.JobState.DONE.value,
-                    "attempts": self.attempts,
-                    "seconds": time.time() - start,
-                    "message": "",
-                }
+                summary = F.read_summary(job.run_dir) or {}
+                result = self._result(B.JobState.DONE)
+                # SLURM restarts a task it requeued itself from its first pickle: the summary's training
+                # time covers every segment of the run
+                result["seconds"] = max(result["seconds"], float(summary.get("wall_seconds") or 0.0))
+                return result
             message = B.failure_message(rc, job.run_dir)
             B.append_log(job, f"attempt {self.attempts} failed: {message}")
             if rc == B.USER_ERROR_EXIT:
                 break
         F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
-        return {
-            "state": B.JobState.FAILED.value,
-            "attempts": self.attempts,
-            "seconds": time.time() - start,
-            "message": message,
-        }
+        return self._result(B.JobState.FAILED, message)
+
+    def _wait_for_slurm(self, job: B.Job) -> None:
+        """After SIGTERM: free the run and wait for SLURM's SIGKILL, writing no result (a requeued task
+        comes back under the same id; a cancelled one is read as interrupted)."""
+        B.append_log(job, STOPPED_LINE.format(signal=self._stopped_by, why="scancel, requeue or preemption"))
+        if self._lock is not None:
+            self._lock.release()
+        deadline = time.monotonic() + KILL_WAIT_MAX_S
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        raise SystemExit(f"stopped by {self._stopped_by}")
 
     def checkpoint(self, job: B.Job) -> Any:
-        """Preempted or timed out: stop training (it resumes from its checkpoint), free the run, requeue."""
+        """USR2 (time limit or preemption): stop training (it resumes from its checkpoint), free the run, and
+        hand submitit the task to requeue (submitit refuses past ``max_requeues`` time limits)."""
         from submitit.helpers import DelayedSubmission
 
         if self._proc is not None:
@@ -203,12 +371,97 @@ class TrainTask:
             self.attempts = max(0, self.attempts - 1)  # a preemption is not a failed attempt
         if self._lock is not None:
             self._lock.release()
-        B.append_log(job, "preempted or timed out; requeued, resumes from its last checkpoint")
+        self.seconds_before += time.time() - self._start
+        B.append_log(job, STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption"))
         return DelayedSubmission(self, job)
+
+
+class CommandTask:
+    """The callable submitit runs for a task that is one command to its end (a sweep worker): no run
+    folder and no lock; the command's output is appended to ``log``. USR2 stops the command and requeues the
+    task (a sweep worker's trial is queued again and the requeued worker goes on); SIGTERM reaches the
+    command from SLURM itself. Returns the command's exit status."""
+
+    def __init__(self, poll: float = 1.0) -> None:
+        self.poll = poll
+        self._proc: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _proc=None)
+
+    def __call__(self, job: B.Job, log: str) -> int:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"\n=== {job.name} on {locks.hostname()} slurm job {_task_id()} ===\n".encode())
+            env = {"PYTHONUNBUFFERED": "1"}
+            self._proc = B.spawn(job, env, fd, drop=HIDDEN_FROM_LIGHTNING, ignore=(signal.SIGUSR2,))
+            while self._proc.poll() is None:
+                time.sleep(self.poll)
+            return int(self._proc.returncode)
+        finally:
+            os.close(fd)
+            self._proc = None
+
+    def checkpoint(self, job: B.Job, log: str) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        if self._proc is not None:
+            B.terminate([self._proc], grace=60.0)
+        with contextlib.suppress(OSError), open(log, "a") as f:
+            f.write(f"=== {STOPPED_LINE.format(signal='SIGUSR2', why='time limit or preemption')} ===\n")
+        return DelayedSubmission(self, job, log)
+
+
+KILL_WAIT_MAX_S = 300.0
+"""After SIGTERM, how long a task waits for SLURM's SIGKILL (KillWait, 30 s by default) before it exits."""
+
+
+def _task_id() -> str:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "?")
+
+
+def _squeue_job_class() -> Any:
+    """submitit's SlurmJob, followed with squeue instead of sacct (``slurm_jobs``): one class, made once."""
+    global _SQUEUE_JOB
+    if _SQUEUE_JOB is None:
+        from submitit.slurm import slurm as S
+
+        class SqueueWatcher(S.SlurmInfoWatcher):
+            def _make_command(self) -> list[str] | None:
+                return None  # ``update`` below asks squeue itself
+
+            def update(self) -> None:
+                pending = sorted(self._registered - self._finished)
+                if not pending:
+                    return
+                self._num_calls += 1
+                states = slurm_jobs.job_states(pending)
+                self._info_dict.update({j: {"JobID": j, "State": s} for j, s in states.items()})
+                self._last_status_check = time.time()
+                for job_id in pending:
+                    if self.is_done(job_id, mode="cache"):
+                        self._finished.add(job_id)
+
+        class SqueueJob(S.SlurmJob):
+            watcher = SqueueWatcher(delay_s=60)
+
+        _SQUEUE_JOB = SqueueJob
+    return _SQUEUE_JOB
+
+
+_SQUEUE_JOB: Any = None
 
 
 class SlurmLauncher(B.Launcher):
     """Submits jobs as SLURM job arrays (one array per GPU count) and, by default, waits for them.
+
+    Each submitted task's id is written into its run folder (``folder.SLURM_JOB``): ``tlit grid status``
+    shows SLURM's state beside ours, and a rerun follows a run whose task is still queued or running instead
+    of submitting it again.
 
     Args:
         options: Resources of each task.
@@ -237,6 +490,27 @@ class SlurmLauncher(B.Launcher):
         self.lock_timeout, self.wait, self.poll, self.name = lock_timeout, wait, poll, name
         self.stopped_by: int | None = None
         self.job_ids: list[str] = []
+        self._checked = False
+        self.followed: dict[str, str] = {}
+        """Runs already queued or running on SLURM when ``run`` was called: name -> task id."""
+
+    def __str__(self) -> str:
+        where = f"partition {self.options.partition}" if self.options.partition else "the default partition"
+        tasks = "GPU" if self.options.gpus else "CPU-only"
+        return f"{self.cluster} ({tasks} tasks, {where}, --time {self.options.time_min})"
+
+    def preflight(self, slot_counts: set[int] | Sequence[int]) -> None:
+        """Refuse in one line what sbatch would refuse (``check_submission``), before anything is prepared
+        or submitted; done once."""
+        if self.cluster == "slurm" and not self._checked:
+            check_submission(self.options, sorted(set(slot_counts)), self.name)
+            self._checked = True
+
+    def device_overrides(self) -> list[str]:
+        """CPU-only tasks train on one thread per device, as the local launcher's CPU slots do."""
+        if not self.options.gpus:
+            return ["train.accelerator=cpu", "train.num_threads=1", "train.progress_bar=false"]
+        return ["train.progress_bar=false"]
 
     def _executor(self, slots: int) -> Any:
         import submitit
@@ -252,26 +526,74 @@ class SlurmLauncher(B.Launcher):
 
     def submit(self, jobs: Sequence[B.Job]) -> list[Any]:
         """Submit ``jobs`` (grouped by GPU count into arrays); returns submitit jobs in the same order."""
+        if not jobs:
+            return []
         by_slots: dict[int, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             by_slots[job.slots].append(i)
+        self.preflight(list(by_slots))
         handles: list[Any] = [None] * len(jobs)
-        task = TrainTask(self.retries, self.lock_timeout)
+        task = TrainTask(self.retries, self.lock_timeout, max_requeues=self.options.max_requeues)
         for slots, index in sorted(by_slots.items()):
             group = [jobs[i] for i in sorted(index, key=lambda i: -jobs[i].cost)]  # longest first
-            submitted = self._executor(slots).map_array(task, group)
+            submitted = self.map_array(slots, task, group)
             for job, handle in zip(group, submitted, strict=True):
                 handles[jobs.index(job)] = handle
                 self.job_ids.append(str(handle.job_id))
+                if self.cluster == "slurm":
+                    F.write_slurm_job(job.run_dir, str(handle.job_id), self.options.folder)
         log.info("submitted %d runs to %s: jobs %s", len(jobs), self.cluster, ", ".join(self.job_ids))
         return handles
 
+    def map_array(self, slots: int, task: Any, *args: Sequence[Any]) -> list[Any]:
+        """One job array of ``task(*args[i])`` tasks of ``slots`` devices each; on SLURM, handles that
+        squeue follows. sbatch's refusal is one line."""
+        if self.cluster != "slurm":
+            return self._executor(slots).map_array(task, *args)
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+        self.preflight([slots])
+        try:
+            submitted = self._executor(slots).map_array(task, *args)
+        except (FailedJobError, FailedSubmissionError) as err:
+            raise ValueError(f"sbatch failed: {slurm_jobs.one_line(str(err))[:300]}") from None
+        job_class = _squeue_job_class()
+        return [job_class(folder=self.options.folder, job_id=str(h.job_id)) for h in submitted]
+
+    def in_flight(self, jobs: Sequence[B.Job]) -> dict[str, tuple[str, Path]]:
+        """Jobs whose run folder names a SLURM task that is still queued or running: name -> (task id,
+        submitit folder). A rerun follows those instead of submitting them again."""
+        if self.cluster != "slurm":
+            return {}
+        recorded = {j.name: rec for j in jobs if (rec := F.read_slurm_job(j.run_dir)) is not None}
+        states = slurm_jobs.job_states(rec[0] for rec in recorded.values())
+        return {n: rec for n, rec in recorded.items() if states.get(rec[0]) in slurm_jobs.ALIVE}
+
     def run(self, jobs: Sequence[B.Job], on_update: B.OnUpdate | None = None) -> list[B.JobResult]:
-        handles = self.submit(jobs)
+        alive = self.in_flight(jobs)
+        self.followed = {n: task for n, (task, _) in alive.items()}
+        if alive:
+            log.info(
+                "%d runs already queued or running on SLURM (%s): not submitted again",
+                len(alive),
+                ", ".join(sorted(self.followed.values())),
+            )
+        fresh = [j for j in jobs if j.name not in alive]
+        new = dict(zip((j.name for j in fresh), self.submit(fresh), strict=True))
+        job_class = _squeue_job_class() if alive else None
+        handles = [
+            new[j.name] if j.name in new else job_class(folder=alive[j.name][1], job_id=alive[j.name][0])
+            for j in jobs
+        ]
         results: dict[str, B.JobResult] = {}
         if not self.wait:
             return [
-                B.JobResult(j.name, j.run_dir, B.JobState.PENDING, message=f"job {h.job_id}")
+                B.JobResult(
+                    j.name,
+                    j.run_dir,
+                    B.JobState.PENDING,
+                    message=f"job {h.job_id}" + (" (submitted before)" if j.name in alive else ""),
+                )
                 for j, h in zip(jobs, handles, strict=True)
             ]
         try:
@@ -304,7 +626,16 @@ class SlurmLauncher(B.Launcher):
 def _result(job: B.Job, handle: Any) -> B.JobResult:
     try:
         out = handle.result()
-    except Exception as err:  # submitit re-raises the task's failure here
+    except Exception as err:  # submitit re-raises the task's failure here, or finds no result
+        if B.is_complete(job):
+            return B.JobResult(job.name, job.run_dir, B.JobState.DONE)
+        followed = _SQUEUE_JOB is not None and isinstance(handle, _SQUEUE_JOB)
+        state = (
+            "" if not followed else slurm_jobs.job_states([str(handle.job_id)]).get(str(handle.job_id), "")
+        )
+        if state in slurm_jobs.INTERRUPTED:
+            message = f"SLURM job {handle.job_id} {state.lower()}; resumes from its last checkpoint next time"
+            return B.JobResult(job.name, job.run_dir, B.JobState.INTERRUPTED, message=message)
         message = " ".join(str(err).split())[:300]
         return B.JobResult(job.name, job.run_dir, B.JobState.FAILED, message=message)
     return B.JobResult(

@@ -55,6 +55,8 @@ PRUNED = "pruned.json"
 METRICS = "metrics.csv"
 LOG = "train.log"
 LOCK = "run.lock"
+SLURM_JOB = "slurm.json"
+"""The SLURM task that last held this run (``{"job": "123_4", "folder": submitit's folder}``)."""
 WANDB_ID = "wandb_id.txt"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -133,6 +135,21 @@ def mark_failed(run_dir: Path, message: str, log_tail: str = "") -> None:
         Path(run_dir) / FAILED,
         {"status": "failed", "error": message, "log_tail": log_tail, "time": time.time()},
     )
+
+
+def write_slurm_job(run_dir: Path, job_id: str, folder: str | Path) -> None:
+    """The SLURM task just submitted for this run, and submitit's folder (where its result will be)."""
+    write_json_atomic(
+        Path(run_dir) / SLURM_JOB, {"job": job_id, "folder": str(Path(folder).resolve()), "time": time.time()}
+    )
+
+
+def read_slurm_job(run_dir: str | Path) -> tuple[str, Path] | None:
+    """``(task id, submitit folder)`` of the SLURM task last submitted for this run, or None."""
+    data, _ = _read_json(Path(run_dir) / SLURM_JOB)
+    if not data or not isinstance(data.get("job"), str):
+        return None
+    return data["job"], Path(str(data.get("folder", ".")))
 
 
 def write_config(run_dir: Path, cfg: C.RunConfig) -> None:
@@ -356,7 +373,8 @@ def classify(
     (conflict); a damaged summary (corrupt); a config other than ``expected`` (conflict); a complete
     summary (complete); a live lock (running, even after an earlier failure: a retry); a failure verdict
     (failed); a pruner's stop (pruned); then the checkpoints (interrupted, recoverable, or corrupt when none
-    is readable); a folder with anything in it is interrupted, an empty or absent one pending.
+    is readable); a folder with anything but its plan (``PLANNED``) in it is interrupted; an empty, absent or
+    only planned one is pending.
 
     Args:
         run_dir: the run folder.
@@ -396,6 +414,10 @@ def _another_run(summary: dict[str, Any], identity: Mapping[str, Any] | None) ->
     return f"belongs to another run ({said})"
 
 
+PLANNED = frozenset({CONFIG, RUN_INFO, SLURM_JOB})
+"""What a planned (or submitted) run holds before it starts: still pending."""
+
+
 def _unfinished(run_dir: Path, config: C.RunConfig | None, stale_after: float, check_lock: bool) -> Status:
     lock = lockfile.read(run_dir / LOCK) if check_lock else None
     if lock is not None and not lock.is_stale(stale_after):
@@ -409,7 +431,7 @@ def _unfinished(run_dir: Path, config: C.RunConfig | None, stale_after: float, c
         return Status(RunState.PRUNED, "stopped by the sweep's pruner", config=config)
     notes = [f"stale {LOCK}" + (f" ({lock.describe()})" if lock.pid != -1 else "")] if lock else []
     state, detail, resume_from = _resume_point(run_dir)
-    if state is RunState.PENDING and (lock or any(run_dir.iterdir())):
+    if state is RunState.PENDING and (lock or any(p.name not in PLANNED for p in run_dir.iterdir())):
         state, detail = RunState.INTERRUPTED, "no checkpoint yet: starts over"
     notes += [detail] if detail else []
     if state is RunState.CORRUPT:

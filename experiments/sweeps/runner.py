@@ -368,6 +368,77 @@ def launch_workers(
     return [p.returncode for p in procs]
 
 
+def launch_slurm_workers(
+    spec: SweepSpec,
+    storage: sweep_storage.Storage,
+    study: optuna.Study,
+    *,
+    workers: int,
+    launcher: Any,
+    runs_root: str | Path,
+    sweeps_root: str | Path,
+    overrides: Sequence[str] = (),
+    out: TextIO | None = None,
+    every: float = 30.0,
+) -> list[int]:
+    """Submit ``workers`` workers as one SLURM job array (``launcher``: a ``SlurmLauncher``) sharing the
+    study's storage, and wait for them unless the launcher does not wait; returns their exit codes (0 for a
+    worker SLURM cancelled or preempted: its trial is retried by the heartbeat rule). The journal file must
+    be on a filesystem every node sees (it is passed as an absolute path), or use PostgreSQL."""
+    from experiments.launchers import base as B
+    from experiments.launchers import slurm as S
+    from experiments.launchers import slurm_jobs
+
+    logs = (sweep_dir(sweeps_root, spec) / "workers").resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {STORAGE_ENV: storage_text(storage, absolute=True)}
+    if not launcher.options.gpus:
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    jobs = [
+        B.Job(
+            f"{spec.study}/worker{i}",
+            worker_argv(spec, i, runs_root, [*overrides, *launcher.device_overrides()]),
+            logs,
+            env=env,
+        )
+        for i in range(workers)
+    ]
+    handles = launcher.map_array(
+        1, S.CommandTask(), jobs, [str(logs / f"worker{i}.log") for i in range(workers)]
+    )
+    ids = ", ".join(str(h.job_id) for h in handles)
+    if out is not None:
+        print(f"{spec.study}: {workers} workers as SLURM tasks {ids}, logs in {logs}", file=out, flush=True)
+    if not launcher.wait:
+        return [0] * workers
+    codes: list[int | None] = [None] * workers
+    last = time.monotonic()
+    while any(c is None for c in codes):
+        for i, handle in enumerate(handles):
+            if codes[i] is None and handle.done():
+                codes[i] = _worker_code(handle, slurm_jobs)
+        if any(c is None for c in codes):
+            time.sleep(min(launcher.poll, 2.0))
+        if out is not None and time.monotonic() - last >= every:
+            last = time.monotonic()
+            print(progress_line(spec, study), file=out, flush=True)
+    return [int(c or 0) for c in codes]
+
+
+def _worker_code(handle: Any, slurm_jobs: Any) -> int:
+    """A finished worker task's exit status; 0 for one SLURM ended from outside (cancelled, preempted)."""
+    try:
+        return int(handle.result())
+    except Exception as err:  # no result: killed, or the worker task failed
+        task = str(handle.job_id)
+        state = slurm_jobs.job_states([task]).get(task, "")
+        if state in slurm_jobs.INTERRUPTED:
+            log.warning("worker task %s ended %s; its trial is retried by the heartbeat rule", task, state)
+            return 0
+        log.warning("worker task %s failed (%s): %s", task, state or "?", " ".join(str(err).split())[:200])
+        return 1
+
+
 def run_sweep(
     spec: SweepSpec,
     storage_url: str | None,
@@ -378,9 +449,11 @@ def run_sweep(
     sweeps_root: str | Path = "results/sweeps",
     overrides: Sequence[str] = (),
     out: TextIO | None = None,
+    slurm: Any = None,
 ) -> int:
     """``tlit sweep FILE``: check the storage, create or continue the study, run its workers (in this process
-    when one worker and no ``devices``), and return 0 once the study has its trials."""
+    when one worker and no ``devices``; as a SLURM job array with ``slurm``, a ``SlurmLauncher``), and
+    return 0 once the study has its trials."""
     storage = sweep_storage.parse_storage(
         storage_url or sweep_storage.default_storage(sweeps_root, spec.study)
     )
@@ -390,11 +463,25 @@ def run_sweep(
     if out is not None:
         print(f"{progress_line(spec, study)}; storage {storage}", file=out, flush=True)
     codes = [0]
-    if workers == 1 and devices is None:
+    if workers < 1:
+        raise SweepError(f"--workers must be a positive integer, got {workers}")
+    if slurm is not None:
+        codes = launch_slurm_workers(
+            spec,
+            storage,
+            study,
+            workers=workers,
+            launcher=slurm,
+            runs_root=runs_root,
+            sweeps_root=sweeps_root,
+            overrides=overrides,
+            out=out,
+        )
+        if not slurm.wait:
+            return 0
+    elif workers == 1 and devices is None:
         run_worker(spec, storage, runs_root=runs_root)
     else:
-        if workers < 1:
-            raise SweepError(f"--workers must be a positive integer, got {workers}")
         codes = launch_workers(
             spec,
             storage,
@@ -417,8 +504,12 @@ def run_sweep(
     return 0 if counts(study).finished >= spec.budget and not any(codes) else 1
 
 
-def storage_text(storage: sweep_storage.Storage) -> str:
-    return str(storage.path) if storage.kind == "journal" else storage.url
+def storage_text(storage: sweep_storage.Storage, absolute: bool = False) -> str:
+    """The storage as workers get it (``TLIT_SWEEP_STORAGE``); ``absolute``: a journal's full path, for
+    workers that start elsewhere (SLURM nodes)."""
+    if storage.kind != "journal":
+        return storage.url
+    return str(Path(storage.path).resolve()) if absolute else str(storage.path)
 
 
 def progress_line(spec: SweepSpec, study: optuna.Study) -> str:
