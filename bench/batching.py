@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from transformer_lit.batching import greedy_boundaries  # noqa: E402
+from transformer_lit.buckets import greedy_boundaries  # noqa: E402
 from transformer_lit.config import DataConfig  # noqa: E402
 from transformer_lit.corpora import Corpus, load_corpus, read_parallel  # noqa: E402
 from transformer_lit.data import TranslationDataModule  # noqa: E402

@@ -257,12 +257,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     from experiments.grids import grid as G
     from transformer_lit import prepared
-    from transformer_lit.preparation import ensure_prepared
+    from transformer_lit.preparation import ensure_plan, ensure_prepared
 
     grid = G.load_grid(args.grid)
     overrides = dict(C.parse_override(o) for o in args.overrides)
     cfg = grid.config(args.row, args.scale, 0, overrides)
     folder = ensure_prepared(cfg.data, force=args.force)
+    ensure_plan(folder, cfg.data.max_tokens)
     if args.verify:
         prepared.verify(folder)
     index = prepared.read_index(folder)

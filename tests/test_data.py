@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +18,11 @@ from transformer_lit.batching import (
     TokenBucketBatchSampler,
     balance_batches,
     identity_collate,
-    plan_batches,
 )
+from transformer_lit.buckets import plan_batches
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import Corpus
-from transformer_lit.data import TranslationDataModule, encode_pairs, filter_by_length
+from transformer_lit.data import MappedPairs, TranslationDataModule, encode_pairs, filter_by_length
 from transformer_lit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 WORDS_EN = "the a cat dog house river sees likes quickly old small green and under".split()  # noqa: SIM905
@@ -240,6 +243,10 @@ def test_datamodule_on_the_synthetic_corpus(tmp_path: Path) -> None:
     dm = TranslationDataModule(cfg, seed=0)
     check_module(dm, cfg)
     assert len(list((tmp_path / "tokenizers").glob("*/tokenizer.model"))) == 1
+    # the demo's corpus takes the users' path: prepared once on disk, then mapped
+    assert isinstance(dm.train_data, MappedPairs) and isinstance(dm.dev_data, MappedPairs)
+    prepared = [p.parent for p in (tmp_path / "prepared").glob("synthetic-*/index.json")]
+    assert prepared == [dm.train_data.folder]
 
 
 def test_datamodule_needs_setup() -> None:
@@ -255,18 +262,7 @@ def fit_and_record(
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    class Recorder(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.seen: list[list[int]] = []
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            self.seen.append(batch["index"].tolist())
-            return (self.w * batch["src"].float().mean()).sum()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    from tests.ddp_data_worker import Recorder
 
     callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1)] if every else []
     trainer = L.Trainer(
@@ -300,3 +296,27 @@ def test_lightning_epochs_and_mid_epoch_resume(tmp_path: Path) -> None:
     fresh = TranslationDataModule(cfg, seed=5, corpus=corpus)
     resumed = fit_and_record(fresh, tmp_path / "b", total, ckpt=ckpt)
     assert resumed == straight[stop:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ddp_ranks_share_the_mapped_data_and_split_its_batches(tmp_path: Path) -> None:
+    """2 real processes (Lightning's ddp strategy, gloo) train one epoch of the real DataModule: both map
+    the one prepared folder, and their batches are disjoint, equal in number and cover every training pair."""
+    from transformer_lit import prepared as P
+
+    worker = Path(__file__).with_name("ddp_data_worker.py")
+    root = worker.parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    folders = list((tmp_path / "cache" / "prepared").glob("*/index.json"))
+    assert len(folders) == 1 and {r["folder"] for r in ranks} == {str(folders[0].parent)}
+    assert {r["class"] for r in ranks} == {"MappedPairs"}
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) > 1  # equal steps, or DDP hangs
+    seen = [[i for b in r["batches"] for i in b] for r in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    kept = P.map_prepared(folders[0].parent).arrays["train.index"]
+    assert sorted(seen[0] + seen[1]) == kept.tolist()  # every kept pair once, none twice

@@ -173,6 +173,46 @@ def test_damaged_files_fail_in_one_line_and_nothing_is_deleted(tmp_path: Path) -
     assert rebuilt == folder and P.verify(folder) is None and target.stat().st_size == sizes[target.name]
 
 
+def test_batch_plan_is_stored_once_checked_when_read_and_replanned_if_damaged(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from transformer_lit.buckets import plan_for
+    from transformer_lit.data import TranslationDataModule
+    from transformer_lit.preparation import ensure_plan, load_plan
+
+    cfg = text_corpus(tmp_path, copies=3)
+    folder = ensure_prepared(cfg)
+    data = P.map_prepared(folder)
+    want = plan_for(data.side("train", "src")[2] + 1, data.side("train", "tgt")[2] + 1, cfg.max_tokens)
+    path = ensure_plan(folder, cfg.max_tokens)
+    assert path.parent == folder and str(cfg.max_tokens) in path.name
+    stored = path.read_bytes()
+
+    def same(plan: list[np.ndarray]) -> bool:
+        return len(plan) == len(want) and all(np.array_equal(a, b) for a, b in zip(plan, want, strict=True))
+
+    with caplog.at_level(logging.INFO, logger="transformer_lit.preparation"):
+        assert same(load_plan(data, cfg.max_tokens))
+        dm = TranslationDataModule(cfg)
+        dm.setup()  # a run reads the stored plan: nothing planned again
+        assert not [r for r in caplog.records if r.getMessage().startswith("planned ")]
+        assert len(dm.train_dataloader()) == len(want)
+        for damage in (stored[: len(stored) // 2], b"not a zip", None):
+            if damage is None:  # whole, but a pair twice and another never: refused as well
+                with np.load(path) as f:
+                    positions, starts = f["positions"].copy(), f["starts"]
+                positions[0] = positions[1]
+                with open(path, "wb") as out:
+                    np.savez(out, positions=positions, starts=starts)
+            else:
+                path.write_bytes(damage)
+            caplog.clear()
+            assert same(load_plan(data, cfg.max_tokens))  # planned again...
+            assert len([r for r in caplog.records if "planning the batches again" in r.getMessage()]) == 1
+            assert path.read_bytes() == stored  # ...and stored again
+    assert ensure_plan(folder, 2 * cfg.max_tokens) != path  # one plan per max_tokens
+
+
 def test_changed_corpus_file_gives_a_new_key(tmp_path: Path) -> None:
     cfg = text_corpus(tmp_path)
     first = ensure_prepared(cfg)
@@ -218,6 +258,7 @@ def test_cli_prepare_verify_and_force(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     folder = Path(printed.split(":")[0])
     assert (folder / P.INDEX).is_file() and "train 400" in printed
+    assert len(list(folder.glob("train.plan-*.npz"))) == 1  # the batch plan for these settings' max_tokens
     target = folder / "dev.src_ids.bin"
     data = bytearray(target.read_bytes())
     data[0] ^= 0xFF
@@ -245,6 +286,7 @@ def test_prepare_for_prepares_each_data_setting_once(tmp_path: Path, capsys) -> 
     folders = prepare_for(configs, out)
     assert len(folders) == 2 == out.getvalue().count("data ready in") and folders[0] != folders[1]
     assert all((f / P.INDEX).is_file() for f in folders)
+    assert all(len(list(f.glob(f"train.plan-*-{data.max_tokens}.npz"))) == 1 for f in folders)
 
 
 def test_grid_without_its_data_fails_before_any_job_in_one_line(tmp_path: Path, capsys) -> None:

@@ -179,8 +179,11 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
         def __init__(self, i: int):
             self.job_id = f"77_{i}"
 
+    cache = tmp_path / "cache"
+
     def fake_submit(self, jobs):
         submitted.update(options=self.options, jobs=list(jobs), cluster=self.cluster, name=self.name)
+        submitted["prepared"] = list((cache / "prepared").glob("*/index.json"))  # before the array
         return [Handle(i) for i in range(len(jobs))]
 
     monkeypatch.setattr(S.SlurmLauncher, "submit", fake_submit)
@@ -213,8 +216,14 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
         str(tmp_path / "slurm"),
         "--no-wait",
         "train.max_steps=10",
+        f"data.cache_dir={cache}",
     ]
+    nodata = [*argv, "data.corpus=wmt14", f"data.train=[{tmp_path / 'no-wmt14'}]"]
+    assert cli.main(nodata) == 2 and not submitted  # missing data: nothing submitted
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tlit data wmt14 --out" in err, err
     assert cli.main(argv) == 0
+    assert len(submitted["prepared"]) == 1  # prepared on this, the submitting, node before sbatch
     opts = submitted["options"]
     assert (opts.partition, opts.time_min, opts.mem_gb, opts.extra) == ("gpu", 90, 32.0, {"account": "nlp"})
     assert opts.gpus and submitted["slots"] == {1}  # --devices all: the partition's GPUs

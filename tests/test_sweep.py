@@ -211,6 +211,10 @@ def test_cli_prints_bad_input_in_one_line_before_any_trial(tmp_path: Path, capsy
         assert cli.main(["sweep", str(write_sweep(tmp_path)), "--storage", storage]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err and "secret" not in err, err
+    wmt14 = {**MICRO, "data.corpus": "wmt14", "data.train": [str(tmp_path / "no-wmt14")]}
+    assert cli.main(["sweep", str(write_sweep(tmp_path, name="nodata", fixed=wmt14))]) == 2
+    err = capsys.readouterr().err.strip()  # missing data: how to get it, before any trial
+    assert err.count("\n") == 0 and "tlit data wmt14 --out" in err and "Traceback" not in err, err
     assert not (tmp_path / "results" / "runs").exists()  # nothing started
 
 

@@ -177,7 +177,10 @@ def test_unreachable_server_fails_fast_naming_the_url(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_prepared_wmt14_trains_a_micro_run(server: Server, tmp_path: Path) -> None:
+def test_prepared_wmt14_trains_a_micro_run(server: Server, tmp_path: Path, caplog) -> None:
+    import logging
+    import re
+
     from experiments.cli import main
 
     out = prepare_wmt14(tmp_path / "wmt14", archives=server.archives())
@@ -187,6 +190,9 @@ def test_prepared_wmt14_trains_a_micro_run(server: Server, tmp_path: Path) -> No
         "model.num_heads=2", "model.d_k=8", "model.d_v=8", "train.max_steps=2", "train.wandb=false",
         "train.progress_bar=false", "eval.beam_size=1", "eval.max_sentences=4",
     ]  # fmt: skip
-    assert main(["train", "--out", str(tmp_path / "run"), *overrides]) == 0
+    with caplog.at_level(logging.INFO, logger="transformer_lit.data"):
+        assert main(["train", "--out", str(tmp_path / "run"), *overrides]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data ready in ")]
+    assert len(ready) == 1 and re.match(r"data ready in \d+\.\d s: \d+ train / 10 dev", ready[0]), ready
     assert len(list((tmp_path / "cache" / "prepared").glob("wmt14-*/index.json"))) == 1

@@ -8,8 +8,9 @@ tokens, fit the budget, so memory per step is bounded. (A single pair longer tha
 a batch of its own; training filters such pairs by ``max_len`` first.)
 
 How batches are formed, and why the number of batches never changes between epochs:
-1. Once, at construction, ``plan_batches`` groups positions of the length-sorted order into batches whose
-   source lengths and target lengths are both close (a k-d split of the length plane, see there).
+1. Once, at construction (or read from the prepared data, ``preparation.load_plan``),
+   ``buckets.plan_batches`` groups positions of the length-sorted order into batches whose source lengths
+   and target lengths are both close (a k-d split of the length plane, see there).
 2. Each epoch, pairs with identical (source, target) lengths swap places at random (a random tie-break
    in the sort), so batch members change from epoch to epoch while the lengths at every position, hence
    the plan and the batch count, stay the same: Lightning fixes the epoch length at set-up, and DDP
@@ -43,99 +44,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from transformer_lit.buckets import plan_for
+
 log = logging.getLogger(__name__)
-
-
-def greedy_boundaries(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[int]:
-    """Start offsets of batches cut greedily along a sequence of lengths (plus the end offset).
-
-    A batch takes the next pair while (pairs + 1) * (longest side so far) stays within ``max_tokens``.
-    That cost never decreases as a batch grows, so each cut is found with numpy on a window no longer than
-    the batch can be (``max_tokens // first length + 1``): one Python step per batch, not per pair.
-    """
-    longer = np.maximum(np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64))
-    n = len(longer)
-    starts = [0]
-    i = 0
-    while i < n:
-        width = min(n - i, max_tokens // max(int(longer[i]), 1) + 1)
-        cost = np.maximum.accumulate(longer[i : i + width]) * np.arange(1, width + 1)  # (width,)
-        i += max(1, int(np.searchsorted(cost, max_tokens, side="right")))
-        starts.append(i)
-    if n == 0:
-        starts.append(0)
-    return starts
-
-
-def plan_batches(
-    src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, *, leaf_batches: int = 4, fill: float = 0.95
-) -> list[np.ndarray]:
-    """Group pair positions into batches whose source and target lengths are both close.
-
-    Sorting by one length and cutting greedily leaves the other side ragged (about 87% of padded tokens
-    real on Europarl at 4096 tokens; fairseq's scheme). Here the (source, target) length plane is split
-    like a k-d tree: a region is halved along the side whose lengths spread more, at the point that
-    halves its estimated number of batches, until a region holds about ``leaf_batches`` batches. Each
-    region is then cut greedily along whichever of three orders (source-major, target-major, longer side
-    then length difference) gives the fewest batches, then the least padding. On Europarl (8k BPE, 4096
-    tokens) this gives about 95.4% real tokens at about 92% of the token budget per batch.
-
-    Args:
-        src_lens, tgt_lens: (n,) lengths as fed to the model.
-        max_tokens: per-side budget of a batch, padding included.
-        leaf_batches: batches per region cut greedily (larger: fuller batches, more padding).
-        fill: expected budget use, for the initial estimate of the number of batches.
-
-    Returns:
-        Arrays of positions into ``src_lens``; every position appears in exactly one batch.
-    """
-    src_lens = np.asarray(src_lens, dtype=np.int64)
-    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
-    if len(src_lens) == 0:
-        return []
-    longer = np.maximum(src_lens, tgt_lens)
-    out: list[np.ndarray] = []
-    stack = [(np.arange(len(src_lens)), max(1, int(np.ceil(longer.sum() / (max_tokens * fill)))))]
-    while stack:
-        pos, n_batches = stack.pop()
-        s, t = src_lens[pos], tgt_lens[pos]
-        if n_batches <= leaf_batches or len(pos) == 1:
-            out.extend(_best_greedy(pos, src_lens, tgt_lens, max_tokens))
-            continue
-        order = pos[np.lexsort((t, s)) if np.ptp(s) >= np.ptp(t) else np.lexsort((s, t))]
-        left = n_batches // 2
-        need = np.cumsum(longer[order])  # tokens of the longer side, a proxy for batches needed
-        cut = int(np.clip(np.searchsorted(need, need[-1] * left / n_batches), 1, len(order) - 1))
-        stack.append((order[cut:], n_batches - left))
-        stack.append((order[:cut], left))  # popped first: batches come out in a locality-preserving order
-    return out
-
-
-def _best_greedy(
-    pos: np.ndarray, src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int
-) -> list[np.ndarray]:
-    s, t = src_lens[pos], tgt_lens[pos]
-    best: tuple[int, int, list[np.ndarray]] | None = None
-    for order in (np.lexsort((t, s)), np.lexsort((s, t)), np.lexsort((t, s - t, np.maximum(s, t)))):
-        p = pos[order]
-        bounds = greedy_boundaries(src_lens[p], tgt_lens[p], max_tokens)
-        cuts = np.asarray(bounds[:-1])
-        sizes = np.diff(bounds)
-        longest = np.maximum.reduceat(src_lens[p], cuts) + np.maximum.reduceat(tgt_lens[p], cuts)
-        padded = int((sizes * longest).sum())
-        if best is None or (len(cuts), padded) < best[:2]:
-            best = (len(cuts), padded, np.split(p, cuts[1:]))
-    assert best is not None
-    return best[2]
-
-
-def plan_for(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """The batch plan of ``TokenBucketBatchSampler`` (positions into the canonical length order), which a
-    caller may compute once and hand to every sampler of the same data (it depends on no rank or seed)."""
-    src_lens = np.asarray(src_lens, dtype=np.int64)
-    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
-    canonical = np.lexsort((np.arange(len(src_lens)), tgt_lens, src_lens))
-    return plan_batches(src_lens[canonical], tgt_lens[canonical], max_tokens)
 
 
 def balance_batches(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:

@@ -31,11 +31,10 @@ from transformer_lit.batching import (
     ResumableDataLoader,
     TokenBucketBatchSampler,
     identity_collate,
-    plan_for,
 )
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import Corpus, load_corpus
-from transformer_lit.preparation import encode_flat, ensure_prepared
+from transformer_lit.preparation import encode_flat, ensure_plan, ensure_prepared, load_plan
 from transformer_lit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,9 +100,9 @@ class TranslationDataModule(L.LightningDataModule):
 
     ``setup`` is idempotent and may be called before ``Trainer.fit`` (to learn the vocabulary size and build
     the model). It maps the prepared data (``preparation.ensure_prepared``, which prepares it on first use)
-    and plans the training buckets from the stored lengths with numpy. The Trainer must be created with
-    ``use_distributed_sampler=False``: the training batch sampler shards by rank itself, reading
-    ``trainer.global_rank`` and ``trainer.world_size``.
+    and reads the training buckets planned from the stored lengths (``preparation.load_plan``). The
+    Trainer must be created with ``use_distributed_sampler=False``: the training batch sampler shards by
+    rank itself, reading ``trainer.global_rank`` and ``trainer.world_size``.
     """
 
     def __init__(
@@ -137,11 +136,13 @@ class TranslationDataModule(L.LightningDataModule):
 
     # -- set-up ------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Prepare the data once per node (under a lock) before the ranks set up; they then map it."""
+        """Prepare the data and its batch plan once per node (under a lock) before the ranks set up; they then
+        map them."""
         if self._started is None:  # "data ready" counts a preparation made on first use
             self._started = time.perf_counter()
         if self._folder is None:
             self._folder = ensure_prepared(self.cfg, corpus=self._corpus, tokenizer_path=self.tokenizer_path)
+            ensure_plan(self._folder, self.cfg.max_tokens)
 
     def setup(self, stage: str | None = None) -> None:
         """Map the prepared data (preparing it first if needed) and plan the training buckets."""
@@ -177,7 +178,7 @@ class TranslationDataModule(L.LightningDataModule):
                 self.cfg.max_tokens,
             )
         self._train_lens = (self.train_data.src_lens, self.train_data.tgt_lens)
-        self._train_plan = plan_for(*self._train_lens, self.cfg.max_tokens)
+        self._train_plan = load_plan(data, self.cfg.max_tokens)  # stored by prepare_data
         log.info(
             "data ready in %.1f s: %d train / %d dev / %d test pairs, vocabulary %d (mapped from %s)",
             time.perf_counter() - self._started,

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from transformer_lit import prepared as P
+from transformer_lit.atomic import atomic_path
+from transformer_lit.buckets import PLAN_VERSION, plan_for
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import Corpus, corpus_key, load_corpus
 from transformer_lit.tokenizer import Tokenizer, cache_path, content_key, load_or_train_tokenizer
@@ -318,3 +321,59 @@ def _encode_split(
         writer.append(f"{split}.{side}_lens", n, P.smallest_uint(int(n.max(initial=0))))
     writer.append(f"{split}.index", index, P.smallest_uint(max(len(pairs) - 1, 0)))
     return {"pairs": len(index), **counts}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training batch plan, stored beside the prepared data
+
+
+def ensure_plan(folder: str | Path, max_tokens: int) -> Path:
+    """The stored training batch plan of a prepared folder for ``max_tokens``, computed and saved if missing.
+
+    Planning ~100k batches of a 1M-pair corpus takes seconds of Python (``buckets.plan_batches``), which
+    every run, seed and DDP rank would pay again: the grid, the sweep, ``tlit data prepare`` and a run's
+    ``prepare_data`` (local rank 0, before the other ranks set up) store it once here.
+    """
+    path = Path(folder) / P.plan_file(max_tokens, PLAN_VERSION)
+    if not path.is_file():
+        _plan_and_save(P.map_prepared(folder), max_tokens)
+    return path
+
+
+def load_plan(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
+    """The training batch plan (``buckets.plan_for`` of the stored lengths), read from its file if that is
+    whole and holds every training pair exactly once; computed (and saved) otherwise."""
+    path = data.folder / P.plan_file(max_tokens, PLAN_VERSION)
+    n = int(data.index["splits"]["train"]["pairs"])
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            positions, starts = stored["positions"], stored["starts"]
+        whole = len(starts) and starts[0] == 0 and starts[-1] == n and np.all(np.diff(starts) > 0)
+        if whole and np.array_equal(np.bincount(positions, minlength=n), np.ones(n, dtype=np.int64)):
+            return np.split(positions.astype(np.int64), starts[1:-1]) if n else []
+        log.warning("%s does not match %s; planning the batches again", path, P.INDEX)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        log.warning("%s is unreadable (%s); planning the batches again", path, err)
+    return _plan_and_save(data, max_tokens)
+
+
+def _plan_and_save(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
+    src_lens = data.side("train", "src")[2].astype(np.int64) + 1  # as fed: ids + EOS / BOS + ids
+    tgt_lens = data.side("train", "tgt")[2].astype(np.int64) + 1
+    started = time.perf_counter()
+    plan = plan_for(src_lens, tgt_lens, max_tokens)
+    n = len(src_lens)
+    positions = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
+    starts = np.zeros(len(plan) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in plan], out=starts[1:])
+    path = data.folder / P.plan_file(max_tokens, PLAN_VERSION)
+    try:  # a reader sees the whole plan or none; racing writers write the same plan
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, positions=positions.astype(P.smallest_uint(max(n - 1, 0))), starts=starts)
+    except OSError as err:  # a read-only cache: runs plan for themselves
+        log.warning("cannot store the batch plan in %s (%s); every run plans it again", data.folder, err)
+    log.info("planned %d training batches of max_tokens=%d in %.1f s", len(plan), max_tokens,
+             time.perf_counter() - started)  # fmt: skip
+    return plan

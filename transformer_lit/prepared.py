@@ -14,6 +14,7 @@ on the node. The format is fairseq's MMapIndexedDataset's: raw little-endian num
     SPLIT.tgt_*.bin        the same for the targets
     SPLIT.index.bin        each kept pair's position in its split (dropped training pairs leave gaps)
     dev.pairs.json, test.pairs.json    (source, reference) strings, for BLEU
+    train.plan-vV-T.npz    the training batch plan for max_tokens T (plan version V), added on first need
 
 A folder is written under a temporary name and renamed last (``staging``), so a killed preparation leaves
 nothing that a run would map. Mapping checks every file's size against the index, which is cheap; the
@@ -63,6 +64,12 @@ def smallest_uint(max_value: int) -> np.dtype:
 
 def pairs_file(split: str) -> str:
     return f"{split}.pairs.json"
+
+
+def plan_file(max_tokens: int, version: int) -> str:
+    """The stored training batch plan for one ``max_tokens`` (``preparation.ensure_plan``), added to a
+    finished folder by the first process that needs it; not listed in the index, checked when read."""
+    return f"train.plan-v{version}-{max_tokens}.npz"
 
 
 class ArrayWriter:

@@ -9,7 +9,9 @@ prepares its own on first use). A lone ``tlit train`` prepares on first use insi
 All of them go through ``transformer_lit.preparation.ensure_prepared``, which holds a lock per corpus: 20
 rows never race to prepare the same corpus, and a run started later maps what is there. Missing data
 (WMT14 not downloaded, a missing file) fails here, in one line that says how to get it, before any job is
-started. No torch is imported.
+started. The training batch plan for each setting's ``data.max_tokens`` is stored with the data here too
+(``preparation.ensure_plan``): planning ~100k batches costs seconds that every run would pay again. No
+torch is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformer_lit import config as C
 
 def prepare_for(configs: Iterable[C.RunConfig], out: TextIO | None = None) -> list[Path]:
     """Prepare the data of ``configs`` (each distinct data setting once); returns the prepared folders."""
-    from transformer_lit.preparation import ensure_prepared
+    from transformer_lit.preparation import ensure_plan, ensure_prepared
 
     done: dict[C.DataConfig, Path] = {}
     for cfg in configs:
@@ -34,6 +36,7 @@ def prepare_for(configs: Iterable[C.RunConfig], out: TextIO | None = None) -> li
             continue
         started = time.perf_counter()
         done[data] = ensure_prepared(data)
+        ensure_plan(done[data], data.max_tokens)  # every run of this setting reads it, none plans again
         if out is not None:
             seconds = time.perf_counter() - started
             print(f"data ready in {seconds:.1f} s: {done[data]}", file=out, flush=True)
