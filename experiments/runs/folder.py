@@ -85,6 +85,7 @@ RUNTIME_FIELDS = frozenset(
     {
         "train.accelerator",
         "train.compile",
+        "train.keep_checkpoints",
         "train.loss_chunk_tokens",
         "train.num_threads",
         "train.progress_bar",
@@ -94,7 +95,8 @@ RUNTIME_FIELDS = frozenset(
         "data.cache_dir",
     }
 )
-"""Where and how a run executes, not what it computes: a run may resume (or be reused) with other values."""
+"""Where and how a run executes, not what it computes: a run may resume (or be reused) with other values.
+``train.keep_checkpoints`` says only how many periodic checkpoints stay on disk for averaging."""
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~7x faster on a grid's configs
 
