@@ -409,6 +409,10 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
         )
 
     devices = "slots of this node: all, cpu:N, cpu:all, cuda:0,1,... (default: all)"
+    jobs_per_device = (
+        "one-GPU runs sharing each GPU (default 1; on SLURM: per array task's GPU); multi-GPU runs "
+        "still take whole GPUs; refused when the largest N would not fit the card"
+    )
     r = gsub.add_parser(
         "run",
         help="run the grid's unfinished runs; resumable, safe to run twice at once",
@@ -417,6 +421,7 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     )
     selection(r)
     r.add_argument("--devices", default="all", help=devices)
+    r.add_argument("--jobs-per-device", type=int, default=1, metavar="N", help=jobs_per_device)
     r.add_argument("--launcher", choices=("local", "slurm"), default="local", help=LAUNCHER_HELP)
     r.add_argument("--retries", type=int, default=1, help="attempts after a failure (default: 1)")
     r.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
@@ -439,6 +444,13 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     pl = gsub.add_parser("plan", help="what grid run would run, sizes and rough cost; runs nothing")
     selection(pl)
     pl.add_argument("--devices", default="all", help=devices)
+    pl.add_argument("--jobs-per-device", type=int, default=1, metavar="N", help=jobs_per_device)
+    pl.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="a GPU's measured speed (bench/gpu_check.py writes it) instead of the fixed CPU-based factor",
+    )
     pl.add_argument("overrides", nargs="*", metavar="section.field=value")
     pl.set_defaults(func=cmd_grid_plan)
 
@@ -466,6 +478,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
     launcher = gridrun.make_launcher(
         args.launcher,
         devices=args.devices,
+        jobs_per_device=args.jobs_per_device,
         retries=args.retries,
         lock_timeout=args.lock_timeout,
         slurm=slurm,
@@ -475,10 +488,13 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
         launcher.wait = not args.no_wait
         launcher.preflight({s.config.train.devices for s in specs})
     else:
-        from experiments.launchers.local import check_accelerator
+        from experiments.launchers.local import check_accelerator, check_packing
+        from transformer_lit.memory import training_memory
 
         for spec in specs:
             check_accelerator(launcher.slots, spec.config.train.accelerator)
+        one_gpu = [s for s in specs if s.config.train.devices == 1]
+        check_packing(launcher.slots, [(s.name, training_memory(s.config).total) for s in one_gpu])
     where = getattr(launcher, "slots", launcher)
     print(f"{grid.name}/{specs[0].scale}: {len(specs)} runs on {where}, retries {args.retries}")
     return gridrun.run_grid(specs, launcher, sys.stdout)
@@ -495,11 +511,13 @@ def cmd_grid_status(args: argparse.Namespace) -> int:
 
 def cmd_grid_plan(args: argparse.Namespace) -> int:
     from experiments.grids import runner as gridrun
+    from experiments.launchers.calibration import load_calibration
     from experiments.launchers.local import parse_devices
 
     _, specs = _grid_specs(args, args.overrides)
-    slots = parse_devices(args.devices)
-    print(gridrun.format_plan(specs, len(slots), slots.kind, args.lock_timeout))
+    slots = parse_devices(args.devices, args.jobs_per_device)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    print(gridrun.format_plan(specs, slots, args.lock_timeout, calibration))
     return 0
 
 
@@ -514,6 +532,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: the file's)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: 1, or 1 per slot)")
     p.add_argument("--devices", default=None, help="the workers' slots: all, cpu:N, cuda:0,1 (as grid run)")
+    p.add_argument(
+        "--jobs-per-device",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers sharing each GPU (default 1); --workers defaults to GPUs x N",
+    )
     p.add_argument(
         "--storage",
         default=None,
@@ -586,12 +611,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if workers is None:
         from experiments.launchers.local import parse_devices
 
-        workers = len(parse_devices(args.devices)) if args.devices else 1
+        workers = len(parse_devices(args.devices, args.jobs_per_device)) if args.devices else 1
     return sweeps.run_sweep(
         spec,
         storage,
         workers=workers,
         devices=args.devices,
+        jobs_per_device=args.jobs_per_device,
         runs_root=args.runs,
         sweeps_root=args.sweeps,
         overrides=overrides,

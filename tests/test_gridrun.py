@@ -216,7 +216,7 @@ def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:-2]}
     assert (
         "complete (skipped)" in lines["table3/tiny/base/seed0"]
         and "764,416" in lines["table3/tiny/base/seed0"]
@@ -225,8 +225,9 @@ def test_plan_imports_no_torch_and_marks_done_runs(table3, tmp_path):
     big = lines["table3/tiny/big/seed0"]
     assert "2,905,088" in big and f"{big_steps:,}" in big
     assert "failed" in lines["table3/tiny/A1/seed0"]
-    assert out.stdout.splitlines()[-1].startswith("2 of 3 runs to do")
-    assert "on 2 cpu slot(s)" in out.stdout and "rough" in out.stdout
+    assert out.stdout.splitlines()[-2].startswith("2 of 3 runs to do")
+    assert "on cpu:2 (2 slot(s))" in out.stdout and "rough" in out.stdout
+    assert out.stdout.splitlines()[-1].startswith("checkpoints: 787.1 MB for the runs to do, 842.2 MB")
 
 
 def test_help_and_status_import_neither_torch_nor_lightning(table3, tmp_path):

@@ -19,12 +19,15 @@ from typing import Any, TextIO
 
 from experiments.grids import grid as G
 from experiments.launchers import base as B
+from experiments.launchers.calibration import Calibration
+from experiments.launchers.local import Slots, check_packing
 from experiments.runs import folder as F
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo
 from experiments.runs.prepare import prepare_for
 from transformer_lit import config as C
+from transformer_lit.memory import checkpoint_disk, fmt_bytes, training_memory
 from transformer_lit.params import count_parameters
 
 
@@ -32,19 +35,24 @@ def make_launcher(
     name: str,
     *,
     devices: str = "all",
+    jobs_per_device: int = 1,
     retries: int = 1,
     lock_timeout: float = locks.DEFAULT_STALE_AFTER,
     slurm: Any = None,
     job_name: str = "tlit",
 ) -> B.Launcher:
-    """``local`` (this node's ``devices``) or ``slurm`` (``slurm``: a ``SlurmOptions``)."""
+    """``local`` (this node's ``devices``, ``jobs_per_device`` one-GPU jobs on each) or ``slurm``
+    (``slurm``: a ``SlurmOptions``)."""
     if retries < 0:
         raise ValueError(f"--retries must be >= 0, got {retries}")
     if name == "local":
         from experiments.launchers.local import LocalLauncher, parse_devices
 
-        return LocalLauncher(parse_devices(devices), retries=retries, lock_timeout=lock_timeout)
+        slots = parse_devices(devices, jobs_per_device)
+        return LocalLauncher(slots, retries=retries, lock_timeout=lock_timeout)
     if name == "slurm":
+        if jobs_per_device != 1:
+            raise ValueError("--jobs-per-device packs runs on this node's GPUs (--launcher local) only")
         from experiments.launchers.slurm import SlurmLauncher, SlurmOptions
 
         return SlurmLauncher(
@@ -208,29 +216,73 @@ def lpt_makespan(costs: Sequence[float], slots: int) -> float:
     return max(ends)
 
 
-def format_plan(specs: Sequence[G.RunSpec], slots: int, kind: str, lock_timeout: float) -> str:
-    """What ``tlit grid run`` would do: every run, its size, its rough cost, and whether it is done."""
+def format_plan(
+    specs: Sequence[G.RunSpec],
+    slots: Slots,
+    lock_timeout: float,
+    calibration: Calibration | None = None,
+) -> str:
+    """What ``tlit grid run`` would do: every run, its size, rough time, GPU memory per process, checkpoint
+    disk, and whether it is done; then the totals, the packing of jobs per GPU, and whether it fits."""
     width = max([len(s.name) for s in specs] + [3])
-    lines = [f"{'run':<{width}}  {'label':<20}  {'params':>11}  {'steps':>8}  {'est.':>8}  state"]
+    lines = [
+        f"{'run':<{width}}  {'label':<20}  {'params':>11}  {'steps':>8}  {'est.':>8}  {'memory':>8}  "
+        f"{'ckpt disk':>9}  state"
+    ]
     todo: list[float] = []
+    disk_todo = disk_all = 0
+    packed: list[tuple[str, int]] = []
     for spec in specs:
         cfg = spec.config
         params = count_parameters(cfg.model, cfg.data.vocab_size)
-        est = B.estimate_seconds(cfg, kind)
+        est = B.estimate_seconds(cfg, slots.kind, calibration=calibration, per_device=slots.per_device)
+        memory, disk = training_memory(cfg).total, checkpoint_disk(cfg)
         state = run_state(spec, lock_timeout).state
+        disk_all += disk
         if state is not F.RunState.COMPLETE:
             todo.append(est * cfg.train.devices)
+            disk_todo += disk
+            if cfg.train.devices == 1:
+                packed.append((spec.name, memory))
         lines.append(
             f"{spec.name:<{width}}  {spec.label[:20]:<20}  {params:>11,}  {cfg.train.max_steps:>8,}  "
-            f"{fmt_seconds(est):>8}  {'complete (skipped)' if state is F.RunState.COMPLETE else state.value}"
+            f"{fmt_seconds(est):>8}  {fmt_bytes(memory):>8}  {fmt_bytes(disk):>9}  "
+            f"{'complete (skipped)' if state is F.RunState.COMPLETE else state.value}"
         )
+    if slots.kind == "cpu":
+        speed = "calibrated on 2 CPU cores"
+    elif calibration is None:
+        speed = "calibrated on 2 CPU cores, GPUs a fixed factor faster; --calibration FILE measures it"
+    else:
+        speed = f"measured on {calibration.device} ({calibration.path})"
     lines.append(
         f"{len(todo)} of {len(specs)} runs to do, ~{fmt_seconds(sum(todo))} of work, "
-        f"~{fmt_seconds(lpt_makespan(todo, slots))} on {slots} {kind} slot(s). Estimates are rough "
-        "(params x tokens x steps, calibrated on 2 CPU cores, plus a fixed overhead per run); "
-        "the live ETA follows the observed speed."
+        f"~{fmt_seconds(lpt_makespan(todo, len(slots)))} on {slots} ({len(slots)} slot(s)). Estimates are "
+        f"rough (params x tokens x steps, {speed}, plus a fixed overhead per run); the live ETA follows the "
+        "observed speed."
     )
+    lines.append(
+        f"checkpoints: {fmt_bytes(disk_todo)} for the runs to do, {fmt_bytes(disk_all)} for all "
+        "(keep_checkpoints periodic + last.ckpt per run, fp32 weights and Adam moments)"
+    )
+    if slots.kind != "cpu":
+        lines.append(packing_line(slots, packed))
     return "\n".join(lines)
+
+
+def packing_line(slots: Slots, packed: Sequence[tuple[str, int]]) -> str:
+    """How the one-GPU runs share each GPU, their memory against the card's, or why grid run refuses."""
+    card = f"a {fmt_bytes(slots.memory)} GPU" if slots.memory is not None else "a GPU of unknown size"
+    largest = sorted((m for _, m in packed), reverse=True)[: slots.per_device]
+    line = (
+        f"packing: {slots.per_device} one-GPU job(s) per GPU; the {len(largest)} largest need "
+        f"~{fmt_bytes(sum(largest))} of {card}"
+    )
+    try:
+        check_packing(slots, packed)
+    except ValueError as err:
+        return f"{line}; grid run refuses: {err}"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,6 +337,7 @@ def job_for_spec(spec: G.RunSpec, launcher: B.Launcher) -> B.Job:
         slots=cfg.train.devices,
         cost=B.estimate_seconds(cfg, launcher.kind),
         expected=C.flat_dict(cfg),
+        memory=training_memory(cfg).total,
     )
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.launchers.calibration import Calibration
 from experiments.runs import folder as F
 from transformer_lit import config as C
 from transformer_lit.params import count_parameters
@@ -84,6 +85,9 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
     expected: dict[str, Any] | None = None
     """The run's resolved config (flat); a complete folder with another config is not this job's."""
+    memory: int = 0
+    """Estimated GPU bytes of each of its processes (``transformer_lit.memory``; 0: unknown): the local
+    launcher refuses a packing of jobs on one GPU that cannot fit it."""
 
     @property
     def log_path(self) -> Path:
@@ -136,13 +140,23 @@ class Launcher:
 # Jobs and their cost
 
 
-def estimate_seconds(cfg: C.RunConfig, kind: str = "cpu") -> float:
-    """Rough wall seconds of a run on its devices (see the constants above); no torch."""
+def estimate_seconds(
+    cfg: C.RunConfig, kind: str = "cpu", *, calibration: Calibration | None = None, per_device: int = 1
+) -> float:
+    """Rough wall seconds of a run on its devices (see the constants above); no torch.
+
+    ``calibration`` (a GPU's measured speed, ``experiments.launchers.calibration``) replaces the fixed
+    factors on GPUs; ``per_device`` one-GPU jobs sharing a GPU slow each other by its measured packing
+    (without a calibration, not at all: unknown)."""
     params = count_parameters(cfg.model, cfg.data.vocab_size)
     tokens_per_step = cfg.data.max_tokens * cfg.train.devices * C.accumulation(cfg, cfg.train.devices)
-    seconds = params * tokens_per_step * cfg.train.max_steps * SECONDS_PER_PARAM_TOKEN / cfg.train.devices
-    if kind != "cpu":
-        seconds /= GPU_SPEEDUP
+    work = params * tokens_per_step * cfg.train.max_steps / cfg.train.devices
+    if kind != "cpu" and calibration is not None:
+        seconds = work * calibration.seconds_per_param_token(params)
+        if cfg.train.devices == 1:
+            seconds *= calibration.packed_slowdown(per_device)
+    else:
+        seconds = work * SECONDS_PER_PARAM_TOKEN / (1.0 if kind == "cpu" else GPU_SPEEDUP)
     return RUN_OVERHEAD_S + seconds
 
 

@@ -2,7 +2,11 @@
 
 Slots are GPU ids (``--devices cuda:0,1,2,3`` or ``all``) or CPU workers (``cpu:2``; ``all`` without a GPU
 means one per core). A job that needs k slots (``train.devices = k``) gets k GPU ids in its
-``CUDA_VISIBLE_DEVICES`` and runs Lightning DDP; on CPU every job runs one thread per slot
+``CUDA_VISIBLE_DEVICES`` and runs Lightning DDP. ``--jobs-per-device n`` packs n one-GPU jobs on each GPU
+(seats): a small run uses a sliver of an H200, so n of them share it; a k-GPU job still takes k whole GPUs
+(every seat of each), and the node's CPU threads are split between the seats. A packing whose n largest
+one-GPU jobs would not fit the card together (``transformer_lit.memory``) is refused in one line before
+anything runs. On CPU every job runs one thread per slot
 (``OMP_NUM_THREADS=1``, ``train.num_threads=1``): on 2 cores, two 1-thread jobs give ~1.6x the throughput of
 one 2-thread job, and two 2-thread jobs run ~90x slower (docs/DESIGN.md field notes), so slots never
 oversubscribe cores.
@@ -37,10 +41,12 @@ from experiments.launchers import base as B
 from experiments.runs import folder as F
 from experiments.runs import locks
 from transformer_lit.errors import no_gpu_message
+from transformer_lit.memory import fmt_bytes
 
 log = logging.getLogger(__name__)
 
 DEVICES_HELP = "all, cpu:N, cpu:all, cuda:all or cuda:ID[,ID...] (e.g. cuda:0,1)"
+JOBS_PER_DEVICE_HELP = "one-GPU jobs sharing each GPU (default 1); k-GPU jobs still take whole GPUs"
 LOCK_RECHECK_S = 2.0
 """How often a job held by another grid is looked at again."""
 
@@ -52,12 +58,32 @@ class Slots:
 
     kind: Literal["cpu", "cuda"]
     ids: tuple[str, ...]
+    per_device: int = 1
+    """Seats per GPU: one-GPU jobs that share it (``--jobs-per-device``); always 1 on CPU."""
+    memory: int | None = None
+    """Bytes of the smallest of these GPUs (nvidia-smi), for refusing a packing that cannot fit."""
 
     def __len__(self) -> int:
-        return len(self.ids)
+        """Seats: how many one-device jobs run at once."""
+        return len(self.ids) * self.per_device
 
     def __str__(self) -> str:
-        return f"{self.kind}:{','.join(self.ids)}" if self.kind == "cuda" else f"cpu:{len(self.ids)}"
+        if self.kind == "cpu":
+            return f"cpu:{len(self.ids)}"
+        packed = f" x{self.per_device} jobs each" if self.per_device > 1 else ""
+        return f"{self.kind}:{','.join(self.ids)}{packed}"
+
+    def seat_ids(self) -> list[str]:
+        """The device of each seat, spread over the devices first (``cuda:0,1`` x2 -> 0, 1, 0, 1)."""
+        return [self.ids[i % len(self.ids)] for i in range(len(self))]
+
+    def threads(self, devices: int) -> int:
+        """CPU threads of each process of a job on ``devices`` GPUs: the node's cores split between the
+        seats; a multi-GPU job holds whole GPUs, so each of its processes gets a whole GPU's share."""
+        if self.kind == "cpu":
+            return 1
+        share = max(1, cpu_count() // len(self.ids))
+        return share if devices > 1 else max(1, share // self.per_device)
 
 
 def cpu_count() -> int:
@@ -82,12 +108,44 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def parse_devices(spec: str) -> Slots:
+def gpu_memory() -> int | None:
+    """Bytes of the smallest visible GPU (nvidia-smi), None when it cannot be asked; no torch."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+        mib = [int(line.strip()) for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(mib) * 1024**2 if mib else None
+
+
+def parse_devices(spec: str, jobs_per_device: int = 1) -> Slots:
     """``all`` | ``cpu:N`` | ``cpu:all`` | ``cuda:all`` | ``cuda:0,1`` -> Slots, else a one-line ValueError.
 
     ``cuda:`` ids count among the visible GPUs, like torch's ``cuda:0``: with CUDA_VISIBLE_DEVICES=2,3,
-    ``cuda:0`` is physical GPU 2.
+    ``cuda:0`` is physical GPU 2. ``jobs_per_device`` > 1 packs that many one-GPU jobs on each GPU.
     """
+    if not isinstance(jobs_per_device, int) or jobs_per_device < 1:
+        raise ValueError(f"--jobs-per-device must be a positive integer, got {jobs_per_device!r}")
+    slots = _parse_devices(spec)
+    if jobs_per_device == 1:
+        return slots
+    if slots.kind == "cpu":
+        raise ValueError(
+            f"--jobs-per-device {jobs_per_device} packs jobs on GPUs, but --devices {spec!r} gives CPU "
+            "slots; on CPU use --devices cpu:N (one thread per job)"
+        )
+    return Slots("cuda", slots.ids, per_device=jobs_per_device, memory=gpu_memory())
+
+
+def _parse_devices(spec: str) -> Slots:
     bad = ValueError(f"--devices {spec!r} is not understood; use {DEVICES_HELP}")
     text = spec.strip().lower()
     kind, _, rest = text.partition(":")
@@ -149,6 +207,23 @@ def check_accelerator(slots: Slots, accelerator: str) -> None:
         raise ValueError(f"{what} but --devices {slots} gives CPU slots; use --devices cuda:all or cuda:ID")
 
 
+def check_packing(slots: Slots, memory: Sequence[tuple[str, int]]) -> None:
+    """Refuse (one line) a packing whose ``per_device`` largest one-GPU jobs would not fit one card together
+    (they may share it: longest-first puts the big ones together at the start). ``memory``: (run name,
+    estimated bytes) of the one-GPU jobs. Nothing to check with one job per GPU or an unknown card size."""
+    if slots.per_device == 1 or slots.memory is None or not memory:
+        return
+    largest = sorted(memory, key=lambda m: -m[1])[: slots.per_device]
+    total = sum(m for _, m in largest)
+    if total > slots.memory:
+        fit = max(1, slots.memory // max(1, largest[0][1]))
+        raise ValueError(
+            f"--jobs-per-device {slots.per_device}: {len(largest)} runs such as {largest[0][0]} "
+            f"(~{fmt_bytes(largest[0][1])} each) need ~{fmt_bytes(total)} on one GPU of "
+            f"{fmt_bytes(slots.memory)}; use --jobs-per-device {fit} or fewer"
+        )
+
+
 def _pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -184,6 +259,7 @@ class _Running:
     waiting: _Waiting
     proc: subprocess.Popen
     slot_ids: tuple[str, ...]
+    """The GPU ids (or CPU worker) it holds: one seat of one GPU, or every seat of k GPUs."""
     lock: locks.RunLock
     started: float
     log_fd: int
@@ -228,25 +304,31 @@ class LocalLauncher(B.Launcher):
         env = {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"}
         if self.slots.kind == "cpu":
             return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        threads = str(max(1, cpu_count() // len(self.slots)))
-        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(slot_ids), "OMP_NUM_THREADS": threads}
+        threads = str(self.slots.threads(len(slot_ids)))
+        return {
+            **env,
+            "CUDA_VISIBLE_DEVICES": ",".join(slot_ids),
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        }
 
     # ------------------------------------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[B.Job], on_update: B.OnUpdate | None = None) -> list[B.JobResult]:
-        too_big = [j for j in jobs if j.slots > len(self.slots)]
+        too_big = [j for j in jobs if j.slots > len(self.slots.ids)]
         if too_big:
             j = too_big[0]
             raise ValueError(
-                f"{j.name} needs {j.slots} slots (train.devices) but --devices gives {len(self.slots)}"
+                f"{j.name} needs {j.slots} slots (train.devices) but --devices gives {len(self.slots.ids)}"
             )
         if len({j.name for j in jobs}) != len(jobs):
             raise ValueError("job names must be unique within one run of the launcher")
+        check_packing(self.slots, [(j.name, j.memory) for j in jobs if j.slots == 1 and j.memory])
         self.stopped_by = None
         self._results: dict[str, B.JobResult] = {}
         self._pending = [_Waiting(j) for j in lpt_order(jobs)]
         self._running: dict[str, _Running] = {}
-        self._free = list(self.slots.ids)
+        self._seats = dict.fromkeys(self.slots.ids, self.slots.per_device)  # free seats per device
         self._spent = self._estimated = 0.0
         self._t0 = time.time()
         restore = self._install_signal_handlers()
@@ -301,7 +383,8 @@ class LocalLauncher(B.Launcher):
         states |= {name: B.JobState.RUNNING for name in self._running}
         states |= {name: r.state for name, r in self._results.items()}
         running = {name: now - r.started for name, r in self._running.items()}
-        return B.Progress(states, running, len(self._free), len(self.slots), self.speed, dict(self._results))
+        free = sum(self._seats.values())
+        return B.Progress(states, running, free, len(self.slots), self.speed, dict(self._results))
 
     def _finish(self, w: _Waiting, state: B.JobState, message: str = "") -> None:
         self._results[w.job.name] = B.JobResult(
@@ -317,7 +400,7 @@ class LocalLauncher(B.Launcher):
         for w in list(self._pending):
             if w.not_before > now:
                 continue
-            if w.job.slots > len(self._free):
+            if not self._fits(w.job.slots, self._seats):
                 if reserve_at is None:
                     reserve_at = self._slots_free_at(w.job.slots, now)
                 continue
@@ -325,15 +408,38 @@ class LocalLauncher(B.Launcher):
                 continue  # would delay the reserved (longer) job
             self._try_start(w, now)
 
+    def _fits(self, devices: int, seats: dict[str, int]) -> bool:
+        """A one-device job needs a free seat; a k-device job needs k devices with every seat free."""
+        if devices == 1:
+            return any(seats.values())
+        return sum(n == self.slots.per_device for n in seats.values()) >= devices
+
+    def _take(self, devices: int) -> tuple[str, ...]:
+        """Seats for a job that fits: a one-device job goes to the device with the most free seats (packed
+        jobs spread out; ties in the slots' order); a k-device job takes k whole devices."""
+        if devices == 1:
+            best = max(self.slots.ids, key=lambda i: self._seats[i])
+            self._seats[best] -= 1
+            return (best,)
+        whole = [i for i in self.slots.ids if self._seats[i] == self.slots.per_device][:devices]
+        for i in whole:
+            self._seats[i] = 0
+        return tuple(whole)
+
+    def _give_back(self, slot_ids: tuple[str, ...]) -> None:
+        for i in slot_ids:
+            self._seats[i] += 1 if len(slot_ids) == 1 else self.slots.per_device
+
     def _slots_free_at(self, needed: int, now: float) -> float:
-        """Estimated time at which ``needed`` slots are free, from the running jobs' expected ends."""
+        """Estimated time at which a job on ``needed`` devices fits, from the running jobs' expected ends."""
         ends = sorted(
-            (max(now, r.started + r.job.cost * self.speed), len(r.slot_ids)) for r in self._running.values()
+            (max(now, r.started + r.job.cost * self.speed), r.slot_ids) for r in self._running.values()
         )
-        free = len(self._free)
-        for end, n in ends:
-            free += n
-            if free >= needed:
+        seats = dict(self._seats)
+        for end, ids in ends:
+            for i in ids:
+                seats[i] += 1 if len(ids) == 1 else self.slots.per_device
+            if self._fits(needed, seats):
                 return end
         return now
 
@@ -357,8 +463,7 @@ class LocalLauncher(B.Launcher):
             self._pending.remove(w)
             return self._finish(w, B.JobState.FAILED, f"failed in another grid (see {F.FAILED})")
         w.attempts += 1
-        slot_ids = tuple(self._free[: job.slots])
-        del self._free[: job.slots]
+        slot_ids = self._take(job.slots)
         attempts = self.retries + 1
         where = f"{locks.hostname()} {self.slots.kind}:{','.join(slot_ids)}"
         fd = -1
@@ -368,7 +473,7 @@ class LocalLauncher(B.Launcher):
         except OSError as err:
             if fd >= 0:
                 os.close(fd)
-            self._free.extend(slot_ids)
+            self._give_back(slot_ids)
             lock.release()
             self._pending.remove(w)
             F.mark_failed(job.run_dir, f"could not start: {err}")
@@ -391,8 +496,7 @@ class LocalLauncher(B.Launcher):
                 continue
             del self._running[name]
             _close(r)
-            self._free.extend(r.slot_ids)
-            self._free.sort(key=self.slots.ids.index)
+            self._give_back(r.slot_ids)
             w = r.waiting
             elapsed = time.time() - r.started
             w.seconds += elapsed

@@ -10,7 +10,8 @@ and runs workers until the study holds ``trials`` finished (complete or pruned) 
   one if the study still needs one (or a retry waits); then train it with a heartbeat. No trial is lost
   (a killed worker's trial is retried, resuming its run folder) or started beyond the budget.
 - ``--workers K`` starts K worker processes on this node's device slots, with the grid launcher's slot
-  parsing and environment (one thread per CPU worker, ``CUDA_VISIBLE_DEVICES`` per GPU worker).
+  parsing and environment (one thread per CPU worker, ``CUDA_VISIBLE_DEVICES`` per GPU worker;
+  ``--jobs-per-device n`` seats n workers on each GPU and splits the CPU threads between them).
 
 ``tlit sweep FILE --report`` and ``--export-best`` live in ``sweep_report.py``.
 """
@@ -320,23 +321,29 @@ def launch_workers(
     *,
     workers: int,
     devices: str,
+    jobs_per_device: int = 1,
     runs_root: str | Path,
     sweeps_root: str | Path,
     overrides: Sequence[str] = (),
     out: TextIO | None = None,
     every: float = 30.0,
 ) -> list[int]:
-    """Start ``workers`` worker processes on the slots of ``devices`` and wait for them; returns their exit
-    codes. Ctrl-C or SIGTERM stops them (their trials are queued again for the next run)."""
+    """Start ``workers`` worker processes on the slots of ``devices`` (``jobs_per_device`` sharing each GPU)
+    and wait for them; returns their exit codes. Ctrl-C or SIGTERM stops them (their trials are queued
+    again for the next run). A packing is checked against the card with the sweep's base config."""
     from experiments.launchers import base as B
-    from experiments.launchers.local import LocalLauncher, parse_devices
+    from experiments.launchers.local import LocalLauncher, check_packing, parse_devices
+    from transformer_lit.memory import training_memory
 
-    slots = parse_devices(devices)
+    slots = parse_devices(devices, jobs_per_device)
     if workers > len(slots):
         raise SweepError(
             f"--workers {workers} needs {workers} device slots; --devices {devices} gives {len(slots)}"
         )
+    base_memory = training_memory(spec.base_config()).total
+    check_packing(slots, [(f"{spec.study}/worker{i}", base_memory) for i in range(workers)])
     launcher = LocalLauncher(slots=slots)
+    seats = slots.seat_ids()
     logs = sweep_dir(sweeps_root, spec) / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -344,11 +351,9 @@ def launch_workers(
         argv = worker_argv(spec, i, runs_root, [*overrides, *launcher.device_overrides()])
         job = B.Job(name=f"{spec.study}/worker{i}", argv=argv, run_dir=logs)
         fd = os.open(logs / f"worker{i}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(
-            fd, f"\n=== tlit sweep {spec.study}: worker {i} on {slots.kind}:{slots.ids[i]} ===\n".encode()
-        )
+        os.write(fd, f"\n=== tlit sweep {spec.study}: worker {i} on {slots.kind}:{seats[i]} ===\n".encode())
         try:
-            env = {**launcher.env_for(slots.ids[i : i + 1]), STORAGE_ENV: storage_text(storage)}
+            env = {**launcher.env_for((seats[i],)), STORAGE_ENV: storage_text(storage)}
             procs.append(B.spawn(job, env, fd))
         finally:
             os.close(fd)
@@ -445,6 +450,7 @@ def run_sweep(
     *,
     workers: int = 1,
     devices: str | None = None,
+    jobs_per_device: int = 1,
     runs_root: str | Path = "results/runs",
     sweeps_root: str | Path = "results/sweeps",
     overrides: Sequence[str] = (),
@@ -488,6 +494,7 @@ def run_sweep(
             study,
             workers=workers,
             devices=devices or "all",
+            jobs_per_device=jobs_per_device,
             runs_root=runs_root,
             sweeps_root=sweeps_root,
             overrides=overrides,

@@ -141,7 +141,8 @@ def standin_objective(
     """Test-only trial (``TLIT_SWEEP_STANDIN``): no training, same folders, reports and pruning."""
     cfg, _, run_dir = prepare_trial(spec, trial, runs_root, extra)
     with (run_dir / STANDIN_LOG).open("a") as f:  # one line per attempt: tests look for duplicates
-        f.write(f"{trial.number} {os.getpid()} {time.time():.3f}\n")
+        where = (os.environ.get("CUDA_VISIBLE_DEVICES", "-"), os.environ.get("OMP_NUM_THREADS", "-"))
+        f.write(f"{trial.number} {os.getpid()} {time.time():.3f} cuda={where[0] or '-'} threads={where[1]}\n")
     score = standin_score(spec, trial.params)
     reported: dict[int, float] = {}
     for i in range(1, 5):
