@@ -604,7 +604,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         folder = Path(args.slurm_folder) / "sweeps" / spec.study
         options = _slurm_options(args, folder, {spec.base_config().train.accelerator})
-        slurm = make_launcher("slurm", slurm=options, job_name=f"tlit-sweep-{spec.study}")
+        slurm = make_launcher(
+            "slurm", slurm=options, job_name=f"tlit-sweep-{spec.study}", jobs_per_device=args.jobs_per_device
+        )
         slurm.wait = not args.no_wait
         slurm.preflight({spec.base_config().train.devices})
         workers = workers or 1
