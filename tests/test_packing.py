@@ -202,3 +202,12 @@ def test_sweep_workers_packed_on_fake_gpus(tmp_path) -> None:
     threads = max(1, local.cpu_count() // 4)
     assert len(lines) >= 8 and all(ln.split()[3] in ("cuda=0", "cuda=1") for ln in lines)
     assert all(ln.split()[4] == f"threads={threads}" for ln in lines), lines
+
+
+def test_slurm_refuses_jobs_per_device_for_now() -> None:
+    from experiments.grids.runner import make_launcher
+
+    with pytest.raises(
+        ValueError, match=r"^--jobs-per-device packs runs on this node's GPUs \(--launcher local\)"
+    ):
+        make_launcher("slurm", jobs_per_device=2)
