@@ -20,7 +20,7 @@ from typing import Any
 
 from experiments.runs.locks import LockBusy
 from transformer_lit import config as C
-from transformer_lit.errors import NonFiniteLossError
+from transformer_lit.errors import NonFiniteLossError, os_error_line
 
 
 class IntermixedParser(argparse.ArgumentParser):
@@ -45,16 +45,14 @@ class IntermixedParser(argparse.ArgumentParser):
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLossError, LockBusy)
 
 
-def os_error_line(err: OSError) -> str:
-    """``/ro/runs/table3: Read-only file system``: the path first, then why (OSError's own text puts an
-    ``[Errno 30]`` first and may leave the path out)."""
-    what = err.strerror or str(err)
-    paths = [p for p in (err.filename, err.filename2) if p is not None]
-    return f"{' -> '.join(map(str, paths))}: {what}" if paths else what
+OVERRIDES_HELP = (
+    "config overrides section.field=value, any number, before or after the options "
+    "(e.g. model.num_heads=16 train.max_steps=2000); every field: tlit train --help"
+)
 
 
 def _sections_help() -> str:
-    lines = ["config sections (override any field as section.field=value):"]
+    lines = ["config sections (override any field as section.field=value; tlit train --help lists them all):"]
     for name, cls in C.SECTIONS.items():
         fields = ", ".join(f.name for f in dataclasses.fields(cls))
         lines.append(f"  {name}: {fields}")
@@ -62,21 +60,60 @@ def _sections_help() -> str:
     return "\n".join(lines)
 
 
+FIELDS_EPILOG = "<every config field>"
+"""Placeholder epilog of ``tlit train``: the field list is built only when that help is printed (it reads
+config.py's docstrings, ~50 ms that no other command should pay)."""
+
+
+def fields_help(width: int = 100) -> str:
+    """Every config field with its type (allowed values), default and docstring: ``tlit train --help``."""
+    import textwrap
+
+    lines = ["config fields (override any as section.field=value; defaults are the paper's base model):"]
+    section = ""
+    for f in C.field_help():
+        if f.key.split(".")[0] != section:
+            section = f.key.split(".")[0]
+            lines.append(f"{section}:")
+        default = (
+            "null"
+            if f.default is None
+            else str(f.default).lower()
+            if isinstance(f.default, bool)
+            else f.default
+        )
+        lines.append(f"  {f.key} ({f.kind}, default {default})")
+        lines += textwrap.wrap(f.doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+class _FieldsFormatter(argparse.RawDescriptionHelpFormatter):
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(fields_help() if text == FIELDS_EPILOG else text)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train one run into its run folder",
-        epilog=_sections_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=FIELDS_EPILOG,
+        formatter_class=_FieldsFormatter,
     )
     p.add_argument("--grid", default=None, help="grid file or name (default: table3)")
     p.add_argument("--row", default=None, help="row of the grid (default: base)")
     p.add_argument("--scale", default=None, help="scale: paper, small, tiny, ... (default: tiny)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of initialisation, dropout and batch order (train.seed; default: 0); "
+        "each seed is its own run folder",
+    )
     p.add_argument(
         "--out", default=None, help="run folder (default: results/runs/<grid>/<scale>/<row>/seed<k>)"
     )
     p.add_argument("--runs", default="results/runs", help="root of the run folders")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
     p.add_argument(
         "--run-dir",
         default=None,
@@ -84,7 +121,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train the run already planned in DIR (its config.yaml, as tlit grid run writes it); "
         "overrides: run-time fields only",
     )
-    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_train)
 
 
@@ -92,6 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from experiments.runs import folder as F
     from experiments.runs import run as R
 
+    if args.no_wandb:
+        args.overrides = [*args.overrides, "train.wandb=false"]
     if args.run_dir is not None:  # a launcher's child: the config was resolved by the planner
         given = [f"--{n}" for n in ("grid", "row", "scale", "seed", "out") if getattr(args, n) is not None]
         if given:
@@ -235,7 +274,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--scale", default="tiny", help="scale whose data settings to use (default: tiny)")
     r.add_argument("--force", action="store_true", help="prepare again (replaces a damaged folder)")
     r.add_argument("--verify", action="store_true", help="also check every file's sha256 against the index")
-    r.add_argument("overrides", nargs="*", metavar="section.field=value")
+    r.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
     r.set_defaults(func=cmd_data_prepare)
 
 
@@ -426,7 +465,7 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--retries", type=int, default=1, help="attempts after a failure (default: 1)")
     r.add_argument("--no-wandb", action="store_true", help="do not log to W&B (train.wandb=false)")
     _add_slurm_options(r)
-    r.add_argument("overrides", nargs="*", metavar="section.field=value")
+    r.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
     r.set_defaults(func=cmd_grid_run)
 
     st = gsub.add_parser(
@@ -451,7 +490,7 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a GPU's measured speed (bench/gpu_check.py writes it) instead of the fixed CPU-based factor",
     )
-    pl.add_argument("overrides", nargs="*", metavar="section.field=value")
+    pl.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
     pl.set_defaults(func=cmd_grid_plan)
 
 
@@ -560,7 +599,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         help="local: workers on this node's --devices; slurm: the workers as one SLURM job array",
     )
     _add_slurm_options(p)
-    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help=f"{OVERRIDES_HELP}; they apply to every trial",
+    )
     p.set_defaults(func=cmd_sweep)
 
 
@@ -572,6 +616,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from experiments.sweeps import storage as sweep_storage
 
     overrides = [*args.overrides, *(["train.wandb=false"] if args.no_wandb else [])]
+    workers = _sweep_workers(args)  # every value is checked before the storage is touched
     spec = sweep_file.load_sweep(
         args.file,
         scale=args.scale,
@@ -588,6 +633,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from experiments.sweeps import report as sweep_report
 
         study = sweep_report.load_study(spec, storage, args.sweeps)
+        if args.trials is None:  # the budget the study was last run with, not the file's
+            spec = dataclasses.replace(spec, trials=sweeps.requested_trials(study, spec.trials))
         if args.report:
             report = sweep_report.make_report(spec, study, args.sweeps)
             print(report.markdown)
@@ -597,7 +644,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             path = sweep_report.export_best(spec, study, args.sweeps)
             print(f"wrote {path}; run it with: tlit grid run {path} --scale {spec.scale} --seeds 3")
         return 0
-    workers = args.workers
     slurm = None
     if args.launcher == "slurm":
         from experiments.grids.runner import make_launcher
@@ -609,11 +655,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
         slurm.wait = not args.no_wait
         slurm.preflight({spec.base_config().train.devices})
-        workers = workers or 1
-    if workers is None:
-        from experiments.launchers.local import parse_devices
-
-        workers = len(parse_devices(args.devices, args.jobs_per_device)) if args.devices else 1
     return sweeps.run_sweep(
         spec,
         storage,
@@ -626,6 +667,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out=sys.stdout,
         slurm=slurm,
     )
+
+
+def _sweep_workers(args: argparse.Namespace) -> int:
+    """``--workers`` checked against ``--devices`` (default: one per slot, or 1 without --devices)."""
+    from experiments.launchers.local import parse_devices
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {args.workers}")
+    if args.devices is None or args.launcher == "slurm":  # SLURM: one array task per worker, no local slots
+        return 1 if args.workers is None else args.workers
+    slots = len(parse_devices(args.devices, args.jobs_per_device))
+    workers = slots if args.workers is None else args.workers
+    if workers > slots:
+        raise ValueError(
+            f"--workers {workers} needs {workers} device slots; --devices {args.devices} gives {slots}"
+        )
+    return workers
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -117,22 +116,6 @@ class _FillDisk(L.Callback):
             room = st.f_bavail * st.f_frsize - ckpt.stat().st_size // 2
             with self.filler.open("wb") as f:
                 f.write(b"\0" * max(0, room))
-
-
-@pytest.fixture()
-def small_disk(tmp_path):
-    """An 8 MB tmpfs (mount needs root and CAP_SYS_ADMIN); unmounted after the test."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_disk_never_leaves_a_truncated_checkpoint_and_the_rerun_resumes(tmp_path, small_disk):

@@ -149,8 +149,11 @@ class OptimConfig:
     warmup_steps: int = 4000
     """Linear warm-up length in optimizer steps."""
     beta1: float = 0.9
+    """Adam's beta_1 (Section 5.3)."""
     beta2: float = 0.98
+    """Adam's beta_2 (Section 5.3)."""
     eps: float = 1e-9
+    """Adam's epsilon (Section 5.3)."""
     label_smoothing: float = 0.1
     """eps_ls: label smoothing of the training loss (Section 5.4)."""
     tokens_per_update: int | None = None
@@ -188,6 +191,7 @@ class TrainConfig:
     max_steps: int = 100000
     """Optimizer steps (Table 3's "train steps"; the paper: 100K, big 300K)."""
     seed: int = 0
+    """Seeds weight initialisation, dropout and batch order (``--seed`` and ``--seeds`` set it)."""
     precision: Precision = "fp32"
     """fp32, or bf16 autocast (mixed precision) on CPU and GPU."""
     accelerator: str = "auto"
@@ -203,10 +207,13 @@ class TrainConfig:
     keep_checkpoints: int = 5
     """Periodic checkpoints kept for averaging (the paper averages the last 5; big: 20)."""
     log_every_n_steps: int = 50
+    """Training loss and learning rate go to metrics.csv (and W&B) every this many optimizer steps."""
     progress_bar: bool = True
+    """Show the step/ETA progress bar (launchers turn it off: their children write to a log)."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless logged in); the run folder is the record either way."""
     wandb_project: str = "transformer_lit"
+    """The W&B project of the run (its group is <grid>/<scale>, its job type the row)."""
     loss_chunk_tokens: int | None = 4096
     """Target positions whose logits the training loss holds at once: the output projection, softmax and
     their gradients run chunk by chunk, so the (tokens, V) fp32 logits and their gradient never exist whole
@@ -214,6 +221,10 @@ class TrainConfig:
     float rounding, so a run may resume with another value."""
     compile: bool = False
     """torch.compile the encoder and decoder stacks (CUDA only); the compile time goes to the run's log."""
+    stall_timeout: float | None = 30.0
+    """Minutes without a training or validation step after which the run counts as stalled (e.g. a DDP
+    rank died and the others wait in a collective): the training process kills itself and its ranks and
+    exits with status 75, and the launcher retries it like a crash. null: never."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -235,6 +246,8 @@ class TrainConfig:
                 self.loss_chunk_tokens,
                 "a positive integer or null",
             )
+        if self.stall_timeout is not None:
+            _require(self.stall_timeout > 0, "train.stall_timeout", self.stall_timeout, "positive or null")
         _require(
             self.accelerator in ("auto", "cpu", "gpu", "cuda"),
             "train.accelerator",
@@ -248,6 +261,7 @@ class EvalConfig:
     """Decoding for BLEU (Section 6.1: beam 4, length penalty 0.6, max length input + 50)."""
 
     beam_size: int = 4
+    """Beam width of the final dev decode (Section 6.1: 4)."""
     alpha: float = 0.6
     """GNMT length penalty exponent: scores are divided by ((5 + |Y|) / 6) ** alpha."""
     max_len_b: int = 50
@@ -396,6 +410,70 @@ def load_yaml(path: str | Path) -> RunConfig:
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field descriptions (``tlit train --help``)
+
+
+@dataclass(frozen=True)
+class FieldHelp:
+    """One config field as the help lists it: ``model.positional  sinusoidal|learned = sinusoidal  ...``."""
+
+    key: str
+    kind: str
+    """The type, with the allowed values of a choice (``sinusoidal|learned``) and ``|null`` if optional."""
+    default: Any
+    doc: str
+    """The field's docstring (the string under it in this module), joined into one paragraph."""
+
+
+def _type_text(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _type_text(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"list of {_type_text(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _field_docstrings() -> dict[str, dict[str, str]]:
+    """The attribute docstrings of the section dataclasses (a string statement right after a field), by
+    class name: Python keeps them only in the source, so this module's source is read with ``ast``. One
+    text serves both readers of this file and ``tlit train --help``."""
+    import ast
+
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        mine = docs.setdefault(node.name, {})
+        for stmt, nxt in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                mine[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_help() -> list[FieldHelp]:
+    """Every overridable field with its type (allowed values), default and docstring, in section order."""
+    out, all_docs = [], _field_docstrings()
+    for section, cls in SECTIONS.items():
+        hints, docs, default = typing.get_type_hints(cls), all_docs.get(cls.__name__, {}), cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            out.append(
+                FieldHelp(f"{section}.{f.name}", _type_text(hints[f.name]), value, docs.get(f.name, ""))
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

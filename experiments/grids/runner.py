@@ -382,6 +382,8 @@ def run_grid(
     todo, skipped = runs_to_do(specs)
     if skipped:
         print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
+    for where in sorted({spec.run_dir.parents[1] for spec in todo}):  # <runs>/<grid>/<scale>
+        F.check_writable(where)  # an unwritable --runs: one line, before the data is prepared
     prepare_for((spec.config for spec in todo), out)  # before any run folder is written or job starts
     jobs = plan_jobs(todo, launcher)
     results = {r.name: r for r in skipped}

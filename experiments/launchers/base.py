@@ -17,6 +17,7 @@ import ctypes
 import enum
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 from experiments.launchers.calibration import Calibration
 from experiments.runs import folder as F
 from transformer_lit import config as C
+from transformer_lit.errors import os_error_line
 from transformer_lit.params import count_parameters
 
 log = logging.getLogger(__name__)
@@ -187,14 +189,59 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+ATTEMPT_HEADER = "=== tlit grid: "
+"""How each attempt's part of ``train.log`` begins."""
+
+
 def open_log(job: Job, attempt: int, attempts: int, where: str) -> int:
-    """Open ``train.log`` for appending and write the attempt's header; returns a file descriptor."""
+    """Open ``train.log`` for appending and write the attempt's header; returns a file descriptor. On a full
+    disk the OSError propagates and nothing stays open."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(job.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    header = f"\n=== tlit grid: {job.name} attempt {attempt}/{attempts} at {stamp} on {where} ===\n"
-    os.write(fd, header.encode())
+    header = f"\n{ATTEMPT_HEADER}{job.name} attempt {attempt}/{attempts} at {stamp} on {where} ===\n"
+    try:
+        os.write(fd, header.encode())
+    except OSError as err:  # os.write names no file: name the log
+        os.close(fd)
+        raise OSError(err.errno, err.strerror, str(job.log_path)) from None
     return fd
+
+
+_ERROR_LINE = re.compile(
+    r"^(tlit \w+: error: .*"  # a user error, as the CLI prints it
+    r"|stalled: .*"  # the stall watchdog (experiments.runs.watchdog)
+    r"|(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b(?::.*)?)$"  # exception line
+)
+
+
+def error_line(path: Path) -> str:
+    """The first line of the last attempt's log that says what went wrong (``tlit train: error: ...``, the
+    watchdog's ``stalled: ...``, or the exception line of a traceback); "" when none does. The grid's result
+    line and ``failed.json`` show it beside the exit status."""
+    text = log_tail(path, lines=400)
+    text = text.rsplit(ATTEMPT_HEADER, 1)[-1]
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[rank"):  # Lightning's DDP children prefix their lines: [rank1]: ...
+            line = line.split("]:", 1)[-1].strip()
+        if _ERROR_LINE.match(line):
+            return " ".join(line.split())[:200]
+    return ""
+
+
+def start_failure(job: Job, err: OSError) -> str:
+    """Record a job that could not even start (a full disk, an unwritable folder) and return its one line:
+    the path and why, then what the earlier attempt's log said. ``failed.json`` keeps that attempt's log
+    tail; when the disk is too full even for that, a warning says so and the log itself is untouched."""
+    message = f"could not start: {os_error_line(err)}"
+    if earlier := error_line(job.log_path):
+        message += f"; the attempt before: {earlier}"
+    try:
+        F.mark_failed(job.run_dir, message, log_tail(job.log_path))
+    except OSError as again:
+        log.warning("%s: %s (%s not written: %s)", job.name, message, F.FAILED, again.strerror)
+    return message
 
 
 def append_log(job: Job, text: str) -> None:
@@ -253,11 +300,15 @@ def terminate(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def failure_message(returncode: int | None, run_dir: Path) -> str:
+    """``exited with status 1: ValueError: ...``: the exit, then the log's first error line."""
     if returncode == 0:
         return f"exited 0 but {run_dir / F.SUMMARY} is missing or not complete"
     if returncode is not None and returncode < 0:
-        return f"killed by signal {signal.Signals(-returncode).name}"
-    return f"exited with status {returncode}"
+        how = f"killed by signal {signal.Signals(-returncode).name}"
+    else:
+        how = f"exited with status {returncode}"
+    why = error_line(Path(run_dir) / F.LOG)
+    return f"{how}: {why}" if why else how
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -470,14 +470,13 @@ class LocalLauncher(B.Launcher):
         try:
             fd = B.open_log(job, w.attempts, attempts, where)
             proc = B.spawn(job, self.env_for(slot_ids), fd)
-        except OSError as err:
+        except OSError as err:  # a full disk, an unwritable folder: this run fails, the grid goes on
             if fd >= 0:
                 os.close(fd)
             self._give_back(slot_ids)
             lock.release()
             self._pending.remove(w)
-            F.mark_failed(job.run_dir, f"could not start: {err}")
-            return self._finish(w, B.JobState.FAILED, f"could not start: {err}")
+            return self._finish(w, B.JobState.FAILED, B.start_failure(job, err))
         self._pending.remove(w)
         self._running[job.name] = _Running(w, proc, slot_ids, lock, time.time(), fd, _pidfd(proc.pid))
         log.debug("started %s on %s (pid %d)", job.name, where, proc.pid)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
 import time
 import zipfile
@@ -89,6 +90,7 @@ RUNTIME_FIELDS = frozenset(
         "train.loss_chunk_tokens",
         "train.num_threads",
         "train.progress_bar",
+        "train.stall_timeout",
         "train.wandb",
         "train.wandb_project",
         "data.num_workers",
@@ -124,6 +126,17 @@ class RunInfo:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write and remove a probe file in it, so that a read-only or full filesystem, or
+    a file where the folder belongs, stops a command in one line (an OSError naming the path) before any
+    work starts, not in every run or trial later."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".tlit-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

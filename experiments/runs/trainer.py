@@ -20,6 +20,7 @@ from experiments.runs import folder as F
 from experiments.runs.folder import RunInfo
 from experiments.runs.lightning_io import ResumableCSVLogger, VerifiedCheckpointIO, resume_checkpoint
 from experiments.runs.progress import StepProgressBar
+from experiments.runs.watchdog import StallWatchdog
 from transformer_lit import config as C
 from transformer_lit.data import TranslationDataModule
 from transformer_lit.errors import no_gpu_message
@@ -70,6 +71,7 @@ def build_trainer(
     if t.wandb:
         loggers.append(_wandb_logger(cfg, run_dir, info))
     extra = [StepProgressBar(leave=True)] if t.progress_bar else []
+    extra.append(StallWatchdog(t.stall_timeout))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

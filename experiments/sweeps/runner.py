@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
+from experiments.runs import folder as F
 from experiments.runs.prepare import prepare_for
 from experiments.sweeps import storage as sweep_storage
 from experiments.sweeps.space import SweepError, SweepSpec, make_pruner, make_sampler
@@ -62,6 +64,11 @@ log = logging.getLogger(__name__)
 
 STORAGE_ENV = "TLIT_SWEEP_STORAGE"
 FINGERPRINT_ATTR = "tlit_sweep"
+TRIALS_ATTR = "tlit_trials"
+"""Study user attribute: the trials the study was last run to reach (``--trials``), which the report counts
+against when it is not given ``--trials`` itself."""
+REPLACEMENTS = 2
+"""A worker that dies (killed, crashed) is started again on its slot this many times while trials remain."""
 MAX_FAILURES = 3
 """A worker gives up after this many trials in a row fail (a broken config would otherwise loop)."""
 
@@ -93,6 +100,12 @@ def counts(study: optuna.Study) -> Counts:
             )
         )
     )
+
+
+def requested_trials(study: optuna.Study, default: int) -> int:
+    """The trials the study was last asked to reach (``TRIALS_ATTR``), else ``default`` (the file's)."""
+    value = study.user_attrs.get(TRIALS_ATTR)
+    return int(value) if isinstance(value, int) and value > 0 else default
 
 
 def sweep_dir(sweeps_root: str | Path, spec: SweepSpec) -> Path:
@@ -192,7 +205,7 @@ def run_worker(
             state = run_trial(study, trial, objective)
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= MAX_FAILURES:
-                raise RuntimeError(f"{failures} trials in a row failed in worker {worker}; see the log above")
+                raise SweepError(f"{failures} trials in a row failed in worker {worker}; see the log above")
 
 
 @contextlib.contextmanager
@@ -346,23 +359,37 @@ def launch_workers(
     seats = slots.seat_ids()
     logs = sweep_dir(sweeps_root, spec) / "workers"
     logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(workers):
+
+    def start(i: int) -> subprocess.Popen:
         argv = worker_argv(spec, i, runs_root, [*overrides, *launcher.device_overrides()])
         job = B.Job(name=f"{spec.study}/worker{i}", argv=argv, run_dir=logs)
         fd = os.open(logs / f"worker{i}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(fd, f"\n=== tlit sweep {spec.study}: worker {i} on {slots.kind}:{seats[i]} ===\n".encode())
         try:
             env = {**launcher.env_for((seats[i],)), STORAGE_ENV: storage_text(storage)}
-            procs.append(B.spawn(job, env, fd))
+            return B.spawn(job, env, fd)
         finally:
             os.close(fd)
+
+    procs = [start(i) for i in range(workers)]
+    replaced = [0] * workers
     if out is not None:
         print(f"{spec.study}: {workers} workers on {slots}, logs in {logs}", file=out, flush=True)
     with _sigterm_as_interrupt():
         try:
             last = time.monotonic()
-            while any(p.poll() is None for p in procs):
+            while True:
+                for i, p in enumerate(procs):
+                    if p.poll() is not None and _replace(p, replaced[i], spec, study):
+                        replaced[i] += 1
+                        why = B.failure_message(p.returncode, logs)
+                        procs[i] = start(i)
+                        note = f"worker {i} {why}; started again ({replaced[i]}/{REPLACEMENTS})"
+                        log.warning("%s", note)
+                        if out is not None:
+                            print(note, file=out, flush=True)
+                if all(p.poll() is not None for p in procs):
+                    break
                 time.sleep(0.5)
                 if out is not None and time.monotonic() - last >= every:
                     last = time.monotonic()
@@ -444,6 +471,17 @@ def _worker_code(handle: Any, slurm_jobs: Any) -> int:
         return 1
 
 
+def _replace(proc: subprocess.Popen, replaced: int, spec: SweepSpec, study: optuna.Study) -> bool:
+    """Start a dead worker again? Only one that died (a signal, a crash: not a clean exit or a user error,
+    which would only fail again) while the study still needs trials, at most ``REPLACEMENTS`` times."""
+    from experiments.launchers.base import USER_ERROR_EXIT
+
+    rc = proc.returncode
+    if rc is None or rc in (0, USER_ERROR_EXIT) or replaced >= REPLACEMENTS:
+        return False
+    return counts(study).finished < spec.budget
+
+
 def run_sweep(
     spec: SweepSpec,
     storage_url: str | None,
@@ -464,13 +502,19 @@ def run_sweep(
         storage_url or sweep_storage.default_storage(sweeps_root, spec.study)
     )
     sweep_storage.check_storage(storage)
+    if workers < 1:  # the command line checks this first; a caller of this function gets the same line
+        raise SweepError(f"--workers must be a positive integer, got {workers}")
+    F.check_writable(Path(runs_root))  # an unwritable --runs: one line here, not a failure in every trial
     study = open_study(spec, storage)
+    study.set_user_attr(TRIALS_ATTR, spec.budget)
+    if counts(study).finished >= spec.budget:  # a rerun with nothing left to do starts nothing
+        if out is not None:
+            print(f"{progress_line(spec, study)}; nothing left to do", file=out, flush=True)
+        return 0
     prepare_for([spec.base_config()], out)  # before any worker starts (the file's overrides are in spec)
     if out is not None:
         print(f"{progress_line(spec, study)}; storage {storage}", file=out, flush=True)
     codes = [0]
-    if workers < 1:
-        raise SweepError(f"--workers must be a positive integer, got {workers}")
     if slurm is not None:
         codes = launch_slurm_workers(
             spec,
@@ -500,15 +544,36 @@ def run_sweep(
             overrides=overrides,
             out=out,
         )
+    done = counts(study).finished >= spec.budget
     if out is not None:
         print(progress_line(spec, study), file=out, flush=True)
         failed = [i for i, rc in enumerate(codes) if rc != 0]
         if failed:
             logs = sweep_dir(sweeps_root, spec) / "workers"
+            outcome = "; every trial finished all the same" if done else ""
             print(
-                f"workers {failed} exited with {[codes[i] for i in failed]}; see {logs}", file=out, flush=True
+                f"workers {failed} exited with {[codes[i] for i in failed]} (see {logs}){outcome}",
+                file=out,
+                flush=True,
             )
-    return 0 if counts(study).finished >= spec.budget and not any(codes) else 1
+    return 0 if done else 1  # the study's trials, not how its workers ended, decide
+
+
+def _silent_note(study: optuna.Study, running: int) -> str:
+    """`` (1 of them silent: its worker died; retried in 40 s, once the heartbeat grace has passed)``:
+    why a running trial with no live worker is still counted as running."""
+    grace = sweep_storage.grace_period(study)
+    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    if not running or not grace or not interval:
+        return ""
+    ages = [a for a in sweep_storage.heartbeat_ages(study).values() if a > 2 * interval]
+    if not ages:
+        return ""
+    left = max(0.0, grace - max(ages))
+    return (
+        f" ({len(ages)} of them silent: waiting {left:.0f} s more for a stale worker's heartbeat "
+        f"(grace {grace:.0f} s), then its trial is retried)"
+    )
 
 
 def storage_text(storage: sweep_storage.Storage, absolute: bool = False) -> str:
@@ -523,7 +588,7 @@ def progress_line(spec: SweepSpec, study: optuna.Study) -> str:
     c = counts(study)
     line = (
         f"{spec.study}/{spec.scale}: {c.finished}/{spec.budget} finished ({c.complete} complete, "
-        f"{c.pruned} pruned), {c.running} running, {c.failed} failed"
+        f"{c.pruned} pruned), {c.running} running{_silent_note(study, c.running)}, {c.failed} failed"
     )
     with contextlib.suppress(ValueError, RuntimeError):
         if len(spec.objectives) == 1:

@@ -241,6 +241,51 @@ def open_storage(
             )
 
 
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat (its start if it never beat), by trial number;
+    empty when the storage keeps no heartbeats or cannot say."""
+    storage = study._storage
+    now = time.time()
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if isinstance(storage, HeartbeatJournalStorage):
+        ages = {}
+        for t in running:
+            beat = t.system_attrs.get(HEARTBEAT_ATTR)
+            if beat is None and t.datetime_start is not None:
+                beat = t.datetime_start.timestamp()
+            if beat is not None:
+                ages[t.number] = now - float(beat)
+        return ages
+    try:  # RDBStorage: its heartbeats table, read against the database's clock as Optuna does
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        rdb = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a _CachedStorage
+        with rdb.scoped_session() as session:
+            db_now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+            beats = {
+                row.trial_id: row.heartbeat
+                for row in session.query(models.TrialHeartbeatModel).filter(
+                    models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in running])
+                )
+            }
+        return {
+            t.number: (db_now - beats[t._trial_id]).total_seconds() for t in running if t._trial_id in beats
+        }
+    except Exception:  # another storage, or the database went away: no detail, nothing breaks
+        log.debug("no heartbeat ages", exc_info=True)
+        return {}
+
+
+def grace_period(study: optuna.Study) -> float | None:
+    """Seconds without heartbeat after which a running trial is failed (and retried)."""
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)
+    grace = getattr(storage, "_grace_period", None) or getattr(rdb, "grace_period", None)
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    return float(grace) if grace else (2.0 * interval if interval else None)
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
     """Optuna's ``fail_stale_trials`` without its experimental warning."""
     with warnings.catch_warnings():
