@@ -27,6 +27,7 @@ a checkpoint is judged readable from its zip directory here; resuming verifies i
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import re
@@ -129,13 +130,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write and remove a probe file in it, so that a read-only or full filesystem, or
-    a file where the folder belongs, stops a command in one line (an OSError naming the path) before any
-    work starts, not in every run or trial later."""
+    """Raise the OSError (naming the path) that writing into ``folder`` would meet: a read-only or full
+    filesystem, or a file where a folder belongs. Creates nothing that stays: a probe file is written and
+    removed in ``folder``'s nearest existing ancestor. So a command stops in one line before any work, not
+    in every run or trial later."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".tlit-probe-{os.getpid()}"
-    probe.write_bytes(b"")
+    there = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not there.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    probe = there / f".tlit-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(folder)) from None
     probe.unlink()
 
 
