@@ -6,8 +6,8 @@ made distinct by its copy number, written to a temporary folder; dev: the first 
 is ``tlit train --scale tiny`` for 2 steps with ``data.vocab_size=8000``, in its own process.
 
 Figures, each with the 1-minute load average when it was taken (the machine is shared by other agents):
-  prepare   ``tlit data prepare``: wall time (BPE training + encoding + writing), pairs/s, and the log's
-            encoding time
+  prepare   ``tlit data prepare``: wall time (BPE training + encoding + writing + planning the training
+            batches), pairs/s, and the log's encoding and planning times
   run       a run on the prepared corpus: set-up (process start to its "first training step" log line),
             "data ready" from its log, peak RSS (``wait4``)
   baseline  the same run on a 1,000-pair corpus: the peak RSS of a run without (much) training data
@@ -160,6 +160,7 @@ def main() -> None:
         "wall_s": round(prep.wall, 1),
         "pairs_per_s": round(pairs / prep.wall),
         "encoding_s": float(prep.logged(r"\(encoding ([\d.]+) s") or "nan"),
+        "plan_s": float(prep.logged(r"planned \d+ training batches of max_tokens=\d+ in ([\d.]+)") or "nan"),
         "peak_rss_mb": round(prep.peak_rss_mb, 1),
         "load1": round(prep.load, 2),
     }
