@@ -5,6 +5,8 @@
   A full disk makes the save fail (and the attempt with it, to be retried); the old checkpoint stays.
 - ``resume_checkpoint`` picks what to resume from: ``last.ckpt`` if it loads, else the newest periodic
   checkpoint that loads (with a warning naming both), else one line saying what to delete.
+- ``StepCheckpoint`` takes a periodic checkpoint after that step's validation, not before it, so a resumed
+  run never skips a validation that the killed attempt did not log.
 - ``ResumableCSVLogger`` keeps ``metrics.csv`` across resumes (Lightning's CSV logger deletes it): the
   rows logged before the checkpoint's step stay, the rows the killed attempt logged after it are dropped
   (they are logged again), and every row reaches the disk as it is logged.
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -94,6 +97,46 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
     if bad:
         raise F.RunFolderConflict(f"{run_dir}: {F.NO_READABLE_CHECKPOINT}; {F.restart_advice(run_dir)}")
     return None, 0
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Periodic checkpoints every ``every_n_train_steps``, taken after the validation of the same step.
+
+    Lightning saves a step checkpoint in ``on_train_batch_end``, which runs before that step's validation. A
+    kill between the two leaves a checkpoint whose validation row was never logged, and the resumed run
+    starts after that step: the row would be missing from ``metrics.csv`` for good. So on a step that also
+    validates, the save waits for ``on_validation_end`` (and for the end of training, should no validation
+    come).
+    """
+
+    def __init__(self, *, val_every_n_steps: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._val_every = val_every_n_steps
+        self._after_validation = False
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        step = trainer.global_step
+        due = self._every_n_train_steps > 0 and step % self._every_n_train_steps == 0
+        if due and step % self._val_every == 0 and step != self._last_global_step_saved:
+            self._after_validation = True  # micro-batches of the next step see the same global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_if_waiting(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_if_waiting(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_if_waiting(self, trainer: Any) -> None:
+        if not self._after_validation or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._after_validation = False
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,11 +14,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from experiments.runs import folder as F
 from experiments.runs.folder import RunInfo
-from experiments.runs.lightning_io import ResumableCSVLogger, VerifiedCheckpointIO, resume_checkpoint
+from experiments.runs.lightning_io import (
+    ResumableCSVLogger,
+    StepCheckpoint,
+    VerifiedCheckpointIO,
+    resume_checkpoint,
+)
 from experiments.runs.progress import StepProgressBar
 from experiments.runs.watchdog import StallWatchdog
 from transformer_lit import config as C
@@ -55,7 +59,8 @@ def build_trainer(
     rows before it). Checkpoints are written whole or not at all (``VerifiedCheckpointIO``)."""
     t = cfg.train
     accumulate = C.accumulation(cfg, _world_size(cfg))
-    checkpoint = ModelCheckpoint(
+    checkpoint = StepCheckpoint(
+        val_every_n_steps=t.val_every_n_steps,
         dirpath=run_dir / F.CKPT_DIR,
         filename=F.PERIODIC_CKPT,
         auto_insert_metric_name=False,
