@@ -650,9 +650,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         folder = Path(args.slurm_folder) / "sweeps" / spec.study
         options = _slurm_options(args, folder, {spec.base_config().train.accelerator})
-        slurm = make_launcher(
-            "slurm", slurm=options, job_name=f"tlit-sweep-{spec.study}", jobs_per_device=args.jobs_per_device
-        )
+        if args.jobs_per_device != 1:
+            raise ValueError(
+                "--jobs-per-device: sweep workers on SLURM hold one GPU each; use it with --devices"
+            )
+        slurm = make_launcher("slurm", slurm=options, job_name=f"tlit-sweep-{spec.study}")
         slurm.wait = not args.no_wait
         slurm.preflight({spec.base_config().train.devices})
     return sweeps.run_sweep(

@@ -23,7 +23,8 @@ from tests.test_sweep import ROOT, write_sweep
 GB = 10**9
 CHILD = (
     "import os, sys, time, json; t0 = time.time(); "
-    "print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES'], 'OMP=' + os.environ['OMP_NUM_THREADS'], flush=True); "
+    "cvd, omp = os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS']; "
+    "print(f'CVD={cvd}|OMP={omp}|', flush=True); "
     "time.sleep(float(sys.argv[2])); "
     "summary = {'status': 'complete', 'start': t0, 'end': time.time()}; "
     "json.dump(summary, open(sys.argv[1] + '/summary.json', 'w'))"
@@ -38,9 +39,9 @@ def child_job(tmp_path: Path, name: str, devices: int, cost: float, seconds: flo
 
 def seen(job: B.Job) -> tuple[list[str], int, float, float]:
     """(GPU ids, threads, start, end) the child reported."""
-    words = job.log_path.read_text().split("CVD=")[1].split()
+    cvd, omp = job.log_path.read_text().split("CVD=")[1].split("|")[:2]
     summary = json.loads((job.run_dir / "summary.json").read_text())
-    return words[0].split(","), int(words[1].removeprefix("OMP=")), summary["start"], summary["end"]
+    return cvd.split(","), int(omp.removeprefix("OMP=")), summary["start"], summary["end"]
 
 
 @pytest.fixture()
@@ -204,10 +205,22 @@ def test_sweep_workers_packed_on_fake_gpus(tmp_path) -> None:
     assert all(ln.split()[4] == f"threads={threads}" for ln in lines), lines
 
 
-def test_slurm_refuses_jobs_per_device_for_now() -> None:
-    from experiments.grids.runner import make_launcher
+def test_slurm_array_task_trains_its_packed_runs_at_once(tmp_path) -> None:
+    """--launcher slurm --jobs-per-device 2 (submitit's local executor): 3 one-GPU runs make 2 array tasks;
+    the first trains its 2 runs at once, each with half the task's CPUs and the task's GPU (the executor
+    sets the task's CUDA_VISIBLE_DEVICES, as SLURM does; the runs inherit it)."""
+    pytest.importorskip("submitit")
+    from experiments.launchers import slurm as S
 
-    with pytest.raises(
-        ValueError, match=r"^--jobs-per-device packs runs on this node's GPUs \(--launcher local\)"
-    ):
-        make_launcher("slurm", jobs_per_device=2)
+    jobs = [
+        child_job(tmp_path / "runs", n, 1, cost=c, seconds=1.0) for n, c in (("a", 3), ("b", 2), ("c", 1))
+    ]
+    opts = S.SlurmOptions(folder=tmp_path / "slurm", gpus=False, cpus_per_gpu=4, jobs_per_device=2)
+    launcher = S.SlurmLauncher(opts, cluster="local", poll=0.2)
+    results = {r.name: r for r in launcher.run(jobs)}
+    assert all(r.state == B.JobState.DONE for r in results.values()), results
+    assert len(launcher.job_ids) == 2  # [a, b] and [c]
+    got = {j.name: seen(j) for j in jobs}
+    assert {n: g[1] for n, g in got.items()} == {"a": 2, "b": 2, "c": 4}
+    assert got["a"][0] == got["b"][0]  # one task, one GPU
+    assert got["a"][2] < got["b"][3] and got["b"][2] < got["a"][3]  # a and b overlapped in time

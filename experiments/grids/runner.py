@@ -51,13 +51,13 @@ def make_launcher(
         slots = parse_devices(devices, jobs_per_device)
         return LocalLauncher(slots, retries=retries, lock_timeout=lock_timeout)
     if name == "slurm":
-        if jobs_per_device != 1:
-            raise ValueError("--jobs-per-device packs runs on this node's GPUs (--launcher local) only")
+        from dataclasses import replace
+
         from experiments.launchers.slurm import SlurmLauncher, SlurmOptions
 
-        return SlurmLauncher(
-            slurm or SlurmOptions(), retries=retries, lock_timeout=lock_timeout, name=job_name
-        )
+        slurm = replace(slurm or SlurmOptions(), jobs_per_device=jobs_per_device)
+
+        return SlurmLauncher(slurm, retries=retries, lock_timeout=lock_timeout, name=job_name)
     raise ValueError(f"--launcher must be local or slurm, got {name!r}")
 
 

@@ -16,6 +16,10 @@ binary exists (docs/DESIGN.md field notes). ``cluster="slurm"`` submits for real
 run the same tasks on this machine (tests). ``sbatch_script`` renders the exact sbatch text that would
 be submitted, without a cluster (checked against ``tests/golden/sbatch/``).
 
+``jobs_per_device`` n > 1 (``--jobs-per-device``): the one-GPU runs go n to an array task, which holds one
+GPU and trains its runs at once (``PackedTask``: one ``TrainTask`` per run, in threads, the task's CPUs split
+between them); longest runs are bundled together, so a bundle's runs end at about the same time.
+
 Inside a task, Lightning must not treat the single SLURM task as its DDP world (it would wait for k srun
 tasks): the training process gets the environment without ``SLURM_NTASKS``, so Lightning's own launcher
 starts the k ranks on the node's k GPUs.
@@ -85,6 +89,8 @@ class SlurmOptions:
     signal_delay_s: int | None = None
     """None: 120 s, or half the time limit when that is shorter."""
     extra: dict[str, Any] = field(default_factory=dict)
+    jobs_per_device: int = 1
+    """One-GPU runs sharing each array task's GPU (``PackedTask``)."""
 
     @property
     def signal_delay(self) -> int:
@@ -109,6 +115,8 @@ class SlurmOptions:
             raise ValueError(f"--max-requeues must be 0 or more, got {self.max_requeues}")
         if self.cpus_per_gpu < 1:
             raise ValueError(f"--cpus-per-gpu must be at least 1, got {self.cpus_per_gpu}")
+        if not isinstance(self.jobs_per_device, int) or self.jobs_per_device < 1:
+            raise ValueError(f"--jobs-per-device must be a positive integer, got {self.jobs_per_device!r}")
 
 
 def mem_text(mem_gb: float) -> str:
@@ -249,6 +257,8 @@ class TrainTask:
         self.attempts = 0
         self.seconds_before = 0.0
         """Wall seconds of this run's earlier segments (before requeues by ``checkpoint``)."""
+        self.env: dict[str, str] = {}
+        """Extra environment of the training process (a packed run's thread count)."""
         self._proc: Any = None
         self._lock: locks.RunLock | None = None
         self._stopped_by: str | None = None
@@ -321,7 +331,7 @@ class TrainTask:
             try:
                 self._proc = B.spawn(
                     job,
-                    {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1"},
+                    {"PYTHONUNBUFFERED": "1", B.LOCK_HELD_ENV: "1", **self.env},
                     fd,
                     drop=HIDDEN_FROM_LIGHTNING,
                     ignore=(signal.SIGUSR2,),
@@ -366,6 +376,10 @@ class TrainTask:
         hand submitit the task to requeue (submitit refuses past ``max_requeues`` time limits)."""
         from submitit.helpers import DelayedSubmission
 
+        self.stop_for_requeue(job)
+        return DelayedSubmission(self, job)
+
+    def stop_for_requeue(self, job: B.Job) -> None:
         if self._proc is not None:
             B.terminate([self._proc], grace=60.0)
             self.attempts = max(0, self.attempts - 1)  # a preemption is not a failed attempt
@@ -373,7 +387,69 @@ class TrainTask:
             self._lock.release()
         self.seconds_before += time.time() - self._start
         B.append_log(job, STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption"))
-        return DelayedSubmission(self, job)
+
+
+class PackedTask:
+    """The callable of an array task that holds one GPU and trains several runs on it at once
+    (``--jobs-per-device``): one ``TrainTask`` per run, each in a thread, with ``cpus // len(jobs)``
+    threads each. Returns ``{run name: result}``. USR2 stops and requeues them all; SIGTERM is passed on
+    to every training process."""
+
+    def __init__(self, task: TrainTask, cpus: int) -> None:
+        self.template, self.cpus = task, cpus
+        self.tasks: dict[str, TrainTask] = {}
+        """One per run, kept across requeues (attempts, seconds so far)."""
+
+    def __call__(self, jobs: Sequence[B.Job]) -> dict[str, dict[str, Any]]:
+        import copy
+        import threading
+
+        from submitit.core.utils import UncompletedJobError
+
+        threads = str(max(1, self.cpus // max(1, len(jobs))))
+        for job in jobs:
+            task = self.tasks.setdefault(job.name, copy.copy(self.template))
+            task.env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        results: dict[str, dict[str, Any]] = {}
+
+        def one(job: B.Job) -> None:
+            results[job.name] = self.tasks[job.name](job)
+
+        workers = [threading.Thread(target=one, args=(j,), name=j.name, daemon=True) for j in jobs]
+        old = signal.getsignal(signal.SIGTERM)
+        with contextlib.suppress(ValueError):  # SIGTERM: pass it on (the tasks' own handlers need the
+            signal.signal(signal.SIGTERM, self._sigterm)  # main thread)
+        try:
+            for w in workers:
+                w.start()
+            while any(w.is_alive() for w in workers):
+                time.sleep(0.2)  # the main thread stays free for submitit's USR2 handler
+        except UncompletedJobError as err:  # past --max-requeues time limits
+            for job in jobs:
+                if job.name not in results:
+                    message = f"timed out more than --max-requeues {self.template.max_requeues} times ({err})"
+                    F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+                    results[job.name] = self.tasks[job.name]._result(B.JobState.FAILED, message)
+        finally:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, old)
+        return results
+
+    def _sigterm(self, signum: int, _frame: object) -> None:
+        for task in self.tasks.values():
+            task._stopped_by = signal.Signals(signum).name
+            if task._proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(task._proc.pid, signal.SIGTERM)
+
+    def checkpoint(self, jobs: Sequence[B.Job]) -> Any:
+        """USR2: stop every run of the task (each resumes from its checkpoint) and requeue the task."""
+        from submitit.helpers import DelayedSubmission
+
+        for job in jobs:
+            if job.name in self.tasks:
+                self.tasks[job.name].stop_for_requeue(job)
+        return DelayedSubmission(self, jobs)
 
 
 class CommandTask:
@@ -534,14 +610,23 @@ class SlurmLauncher(B.Launcher):
         self.preflight(list(by_slots))
         handles: list[Any] = [None] * len(jobs)
         task = TrainTask(self.retries, self.lock_timeout, max_requeues=self.options.max_requeues)
+        n = self.options.jobs_per_device
         for slots, index in sorted(by_slots.items()):
             group = [jobs[i] for i in sorted(index, key=lambda i: -jobs[i].cost)]  # longest first
-            submitted = self.map_array(slots, task, group)
-            for job, handle in zip(group, submitted, strict=True):
-                handles[jobs.index(job)] = handle
+            if slots == 1 and n > 1:  # n runs per task's GPU, the longest together
+                bundles = [group[i : i + n] for i in range(0, len(group), n)]
+                packed = PackedTask(task, self.options.cpus_per_gpu)
+                members = list(zip(bundles, self.map_array(slots, packed, bundles), strict=True))
+            else:
+                members = [
+                    ([job], h) for job, h in zip(group, self.map_array(slots, task, group), strict=True)
+                ]
+            for bundle, handle in members:
                 self.job_ids.append(str(handle.job_id))
-                if self.cluster == "slurm":
-                    F.write_slurm_job(job.run_dir, str(handle.job_id), self.options.folder)
+                for job in bundle:
+                    handles[jobs.index(job)] = handle
+                    if self.cluster == "slurm":
+                        F.write_slurm_job(job.run_dir, str(handle.job_id), self.options.folder)
         log.info("submitted %d runs to %s: jobs %s", len(jobs), self.cluster, ", ".join(self.job_ids))
         return handles
 
@@ -638,6 +723,8 @@ def _result(job: B.Job, handle: Any) -> B.JobResult:
             return B.JobResult(job.name, job.run_dir, B.JobState.INTERRUPTED, message=message)
         message = " ".join(str(err).split())[:300]
         return B.JobResult(job.name, job.run_dir, B.JobState.FAILED, message=message)
+    if "state" not in out:  # a packed task's {run name: result}
+        out = out.get(job.name) or {"state": "failed", "attempts": 0, "seconds": 0.0, "message": "no result"}
     return B.JobResult(
         job.name, job.run_dir, B.JobState(out["state"]), out["attempts"], out["seconds"], out["message"]
     )
