@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +23,24 @@ def slurm_cluster():
         yield conf
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """An 8 MB tmpfs (mount needs root and CAP_SYS_ADMIN); unmounted after the test."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` with ``options`` (mount needs root and CAP_SYS_ADMIN; the test skips
+    without them), unmounted afterwards."""
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """An 8 MB disk, for full-disk tests."""
+    with tmpfs(tmp_path / "disk", "size=8m") as mount:
+        yield mount

@@ -5,13 +5,12 @@ as root, chmod does not stop writes). A full disk: tests/test_checkpoint_io.py, 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from experiments import cli
+from tests.conftest import tmpfs
 from tests.test_sweep import write_sweep
 from tests.test_tables import FIXTURES, GRID
 
@@ -20,20 +19,9 @@ TINY = ["train.max_steps=2", "data.synthetic_pairs=300", "data.synthetic_eval_pa
 
 @pytest.fixture()
 def read_only(tmp_path):
-    """A read-only tmpfs (mount needs root and CAP_SYS_ADMIN); unmounted after the test."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
+    """A read-only filesystem (as root, chmod does not stop writes)."""
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def commands(bad: Path, tmp_path: Path) -> list[list[str]]:
