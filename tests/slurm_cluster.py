@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,3 +82,91 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driving tlit against the cluster, as a user would (a real CLI process; the tasks inherit PYTHONPATH)
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_SCALE = {
+    "description": "tens of steps on 2 shared CPU cores (the slurm tests)",
+    "divide": 8,
+    "steps": 1.0,
+    "set": {
+        "data.corpus": "synthetic",
+        "data.synthetic_pairs": 300,
+        "data.synthetic_eval_pairs": 20,
+        "data.synthetic_max_words": 10,
+        "data.vocab_size": 1000,
+        "data.max_tokens": 480,
+        "model.num_layers": 1,
+        "optim.warmup_steps": 50,
+        "train.val_every_n_steps": 10,
+        "train.checkpoint_every_n_steps": 10,
+        "train.log_every_n_steps": 10,
+        "train.wandb": False,
+        "eval.max_sentences": 20,
+    },
+}
+
+
+def write_grid(folder: Path, rows: dict[str, dict], name: str = "micro") -> Path:
+    """A grid file with the micro scale inline; each row sets its own ``train.max_steps``."""
+    import yaml
+
+    doc = {
+        "name": name,
+        "default_scale": "micro",
+        "scales": {"micro": MICRO_SCALE},
+        "rows": {row: {"label": row, **cells} for row, cells in rows.items()},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(f"# tlit grid run {path} --launcher slurm\n" + yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def tlit(*args: str, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``tlit ARGS`` in ``cwd`` (sbatch's working directory for the tasks, which inherit PYTHONPATH)."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tlit_background(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=cwd,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def our_jobs() -> set[str]:
+    """Array (or job) ids slurmctld knows, finished ones included."""
+    out = subprocess.run(["squeue", "-h", "--states=all", "-o", "%F"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def cancel_all(job_ids) -> None:
+    """Cancel what a test submitted (cleanup: the next test gets both CPUs)."""
+    ids = sorted({str(j).split("_")[0] for j in job_ids})
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+        wait_for(
+            lambda: (
+                not any(
+                    squeue(j) and set(squeue(j).values()) & {"RUNNING", "COMPLETING", "PENDING"} for j in ids
+                )
+            ),
+            60,
+            f"jobs {ids} to end",
+        )

@@ -188,7 +188,7 @@ def test_grid_run_with_the_slurm_launcher_submits_every_unfinished_run(tmp_path,
 
     monkeypatch.setattr(S.SlurmLauncher, "submit", fake_submit)
     monkeypatch.setattr(S.SlurmLauncher, "preflight", lambda self, slots: submitted.update(slots=set(slots)))
-    # no GPU here
+    # no GPU partition here: the one named gpu has GPUs
     monkeypatch.setattr(S.slurm_jobs, "partition_has_gpus", lambda partition: partition == "gpu")
     done = tmp_path / "runs" / "table3" / "tiny" / "A1" / "seed0"
     done.mkdir(parents=True)

@@ -228,7 +228,49 @@ STOPPED_LINE = "stopped by {signal} ({why}); resumes from its last checkpoint wh
 """The log line of the task's checkpoint handler (tests look for it)."""
 
 
-class TrainTask:
+class _SlurmTask:
+    """What both task kinds share: the running child process, and SIGTERM (``scontrol requeue``, ``scancel``,
+    preemption), which SLURM sends to every process of the job step (the child included) and follows with
+    SIGKILL after KillWait: the task waits for its child to stop, and then for SLURM, writing no result (a
+    requeued task comes back under the same id; a cancelled one is read from squeue)."""
+
+    TRANSIENT = ("_proc", "_lock", "_stopped_by")
+
+    _proc: Any = None
+    _stopped_by: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self.TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, **dict.fromkeys(self.TRANSIENT))
+
+    @contextlib.contextmanager
+    def _sigterm_stops(self):
+        """SIGTERM: remember it (submitit's own handler only logs it). The child got it from SLURM too, which
+        signals every process of the job step; a second one from us would interrupt its clean stop."""
+
+        def handler(signum: int, _frame: object) -> None:
+            self._stopped_by = signal.Signals(signum).name
+
+        try:
+            old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (a test calling the task directly)
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    def _sleep_until_killed(self) -> None:
+        deadline = time.monotonic() + KILL_WAIT_MAX_S
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        raise SystemExit(f"stopped by {self._stopped_by}")
+
+
+class TrainTask(_SlurmTask):
     """The callable submitit runs for each array task: one run, with lock, retries and requeue.
 
     Checkpointable the submitit way (a ``__call__`` and a ``checkpoint`` that resubmits itself); the
@@ -239,8 +281,8 @@ class TrainTask:
       time limits; past them the run is marked failed with that reason). The training process ignores USR2
       (SLURM signals every process of the step), so it is stopped only by us, between two steps.
     - SIGTERM (``scontrol requeue``, ``scancel``, preemption): SLURM stops the whole job and decides whether
-      it comes back; the task stops its training process, frees the run and writes no result, so that a
-      requeued task is still followed and a cancelled one reads as interrupted.
+      it comes back; the training process stops between two steps, the task frees the run and writes no
+      result, so that a requeued task is still followed and a cancelled one reads as interrupted.
     """
 
     def __init__(
@@ -255,25 +297,19 @@ class TrainTask:
         self.poll = poll
         self.max_requeues = max_requeues
         self.attempts = 0
-        self.seconds_before = 0.0
-        """Wall seconds of this run's earlier segments (before requeues by ``checkpoint``)."""
         self.env: dict[str, str] = {}
         """Extra environment of the training process (a packed run's thread count)."""
         self._proc: Any = None
         self._lock: locks.RunLock | None = None
         self._stopped_by: str | None = None
         self._start = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_lock", "_stopped_by")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _proc=None, _lock=None, _stopped_by=None)
+        self._before = 0.0
 
     def __call__(self, job: B.Job) -> dict[str, Any]:
         from submitit.core.utils import UncompletedJobError
 
         self._start = time.time()
+        self._before = F.slurm_seconds(job.run_dir)  # earlier segments of this submission
         if B.is_complete(job):
             return _skipped("already complete")
         lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
@@ -283,7 +319,7 @@ class TrainTask:
             time.sleep(max(self.poll, 5.0))
         self._lock = lock
         try:
-            with self._sigterm_stops(job):
+            with self._sigterm_stops():
                 return self._attempts(job)
         except UncompletedJobError as err:  # submitit's USR2 handler, past --max-requeues time limits
             message = f"timed out more than --max-requeues {self.max_requeues} times ({err})"
@@ -295,28 +331,8 @@ class TrainTask:
             self._lock = None
 
     def _result(self, state: B.JobState, message: str = "") -> dict[str, Any]:
-        seconds = self.seconds_before + time.time() - self._start
+        seconds = self._before + time.time() - self._start
         return {"state": state.value, "attempts": self.attempts, "seconds": seconds, "message": message}
-
-    @contextlib.contextmanager
-    def _sigterm_stops(self, job: B.Job):
-        """SIGTERM: remember it and pass it on to the training process (submitit only logs it)."""
-
-        def handler(signum: int, _frame: object) -> None:
-            self._stopped_by = signal.Signals(signum).name
-            if self._proc is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self._proc.pid, signal.SIGTERM)
-
-        try:
-            old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (a test calling us directly)
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, old)
 
     def _attempts(self, job: B.Job) -> dict[str, Any]:
         if B.is_complete(job):
@@ -347,12 +363,7 @@ class TrainTask:
             if self._stopped_by is not None:
                 self._wait_for_slurm(job)
             if rc == 0 and B.is_complete(job):
-                summary = F.read_summary(job.run_dir) or {}
-                result = self._result(B.JobState.DONE)
-                # SLURM restarts a task it requeued itself from its first pickle: the summary's training
-                # time covers every segment of the run
-                result["seconds"] = max(result["seconds"], float(summary.get("wall_seconds") or 0.0))
-                return result
+                return self._result(B.JobState.DONE)
             message = B.failure_message(rc, job.run_dir)
             B.append_log(job, f"attempt {self.attempts} failed: {message}")
             if rc == B.USER_ERROR_EXIT:
@@ -364,12 +375,10 @@ class TrainTask:
         """After SIGTERM: free the run and wait for SLURM's SIGKILL, writing no result (a requeued task
         comes back under the same id; a cancelled one is read as interrupted)."""
         B.append_log(job, STOPPED_LINE.format(signal=self._stopped_by, why="scancel, requeue or preemption"))
+        F.add_slurm_seconds(job.run_dir, time.time() - self._start)
         if self._lock is not None:
             self._lock.release()
-        deadline = time.monotonic() + KILL_WAIT_MAX_S
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-        raise SystemExit(f"stopped by {self._stopped_by}")
+        self._sleep_until_killed()
 
     def checkpoint(self, job: B.Job) -> Any:
         """USR2 (time limit or preemption): stop training (it resumes from its checkpoint), free the run, and
@@ -385,7 +394,7 @@ class TrainTask:
             self.attempts = max(0, self.attempts - 1)  # a preemption is not a failed attempt
         if self._lock is not None:
             self._lock.release()
-        self.seconds_before += time.time() - self._start
+        F.add_slurm_seconds(job.run_dir, time.time() - self._start)
         B.append_log(job, STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption"))
 
 
@@ -452,7 +461,7 @@ class PackedTask:
         return DelayedSubmission(self, jobs)
 
 
-class CommandTask:
+class CommandTask(_SlurmTask):
     """The callable submitit runs for a task that is one command to its end (a sweep worker): no run
     folder and no lock; the command's output is appended to ``log``. USR2 stops the command and requeues the
     task (a sweep worker's trial is queued again and the requeued worker goes on); SIGTERM reaches the
@@ -460,22 +469,19 @@ class CommandTask:
 
     def __init__(self, poll: float = 1.0) -> None:
         self.poll = poll
-        self._proc: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _proc=None)
 
     def __call__(self, job: B.Job, log: str) -> int:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, f"\n=== {job.name} on {locks.hostname()} slurm job {_task_id()} ===\n".encode())
             env = {"PYTHONUNBUFFERED": "1"}
-            self._proc = B.spawn(job, env, fd, drop=HIDDEN_FROM_LIGHTNING, ignore=(signal.SIGUSR2,))
-            while self._proc.poll() is None:
-                time.sleep(self.poll)
+            with self._sigterm_stops():
+                self._proc = B.spawn(job, env, fd, drop=HIDDEN_FROM_LIGHTNING, ignore=(signal.SIGUSR2,))
+                while self._proc.poll() is None:
+                    time.sleep(self.poll)
+                if self._stopped_by is not None:
+                    os.write(fd, f"=== {self._stopped_by}: stopped by SLURM ===\n".encode())
+                    self._sleep_until_killed()
             return int(self._proc.returncode)
         finally:
             os.close(fd)

@@ -58,7 +58,8 @@ METRICS = "metrics.csv"
 LOG = "train.log"
 LOCK = "run.lock"
 SLURM_JOB = "slurm.json"
-"""The SLURM task that last held this run (``{"job": "123_4", "folder": submitit's folder}``)."""
+"""The SLURM task submitted for this run: ``{"job": "123_4", "folder": submitit's folder, "seconds": wall
+seconds of its segments that ended (requeues)}``."""
 WANDB_ID = "wandb_id.txt"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -172,6 +173,20 @@ def read_slurm_job(run_dir: str | Path) -> tuple[str, Path] | None:
     if not data or not isinstance(data.get("job"), str):
         return None
     return data["job"], Path(str(data.get("folder", ".")))
+
+
+def slurm_seconds(run_dir: str | Path) -> float:
+    """Wall seconds of the SLURM task's segments that ended before this one (0 without a record)."""
+    data, _ = _read_json(Path(run_dir) / SLURM_JOB)
+    return float((data or {}).get("seconds") or 0.0)
+
+
+def add_slurm_seconds(run_dir: str | Path, seconds: float) -> None:
+    """Add a segment that ended (the task was requeued) to the record, if the run has one: SLURM restarts a
+    task it requeued itself from its first pickle, so the run folder keeps the count."""
+    data, _ = _read_json(Path(run_dir) / SLURM_JOB)
+    if data:
+        write_json_atomic(Path(run_dir) / SLURM_JOB, {**data, "seconds": slurm_seconds(run_dir) + seconds})
 
 
 def write_config(run_dir: Path, cfg: C.RunConfig) -> None:

@@ -216,6 +216,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: object) -> None:
+        # once: a second SIGTERM (SLURM signals every process of a job, and so may a supervisor) must not
+        # interrupt the hand-back of the trial below
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -236,8 +239,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) ->
             log.info("trial %d pruned: %s", trial.number, err)
             state = TrialState.PRUNED
         except (KeyboardInterrupt, SystemExit):
-            _tell(study, trial, TrialState.FAIL)
-            _requeue(study, trial)
+            _hand_back(study, trial)
             raise
         except Exception:
             log.exception("trial %d failed", trial.number)
@@ -246,6 +248,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) ->
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: Any = None) -> TrialState:
+    if _finished_elsewhere(study, trial):
+        log.warning("trial %d was finished by another worker (heartbeat lost?)", trial.number)
+        return study._storage.get_trial(trial._trial_id).state
     try:
         complete = state == TrialState.COMPLETE
         frozen = study.tell(trial, values) if complete else study.tell(trial, state=state)
@@ -263,6 +268,24 @@ def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: A
 def _objective_names(study: optuna.Study) -> list[str]:
     fp = study.user_attrs.get(FINGERPRINT_ATTR) or {}
     return list(fp.get("objectives") or ["value"])
+
+
+def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted trial: failed and queued again, unless another worker has already failed it (this
+    worker was frozen or cut off past the grace period, and the heartbeat rule queued it): never twice."""
+    try:
+        if not _finished_elsewhere(study, trial):
+            study.tell(trial, state=TrialState.FAIL)
+            _requeue(study, trial)
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    log.warning("trial %d was already failed and queued again by another worker", trial.number)
+
+
+def _finished_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Another worker failed this trial (its heartbeat went stale): telling it now raises in Optuna."""
+    return study._storage.get_trial(trial._trial_id).state.is_finished()
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
