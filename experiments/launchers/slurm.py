@@ -231,8 +231,8 @@ STOPPED_LINE = "stopped by {signal} ({why}); resumes from its last checkpoint wh
 class _SlurmTask:
     """What both task kinds share: the running child process, and SIGTERM (``scontrol requeue``, ``scancel``,
     preemption), which SLURM sends to every process of the job step (the child included) and follows with
-    SIGKILL after KillWait: the task waits for its child to stop, and then for SLURM, writing no result (a
-    requeued task comes back under the same id; a cancelled one is read from squeue)."""
+    SIGKILL after KillWait: the task waits for its child to stop and ends, writing no result (a requeued task
+    comes back under the same id; a cancelled one is read from squeue)."""
 
     TRANSIENT = ("_proc", "_lock", "_stopped_by")
 
@@ -263,11 +263,10 @@ class _SlurmTask:
         finally:
             signal.signal(signal.SIGTERM, old)
 
-    def _sleep_until_killed(self) -> None:
-        deadline = time.monotonic() + KILL_WAIT_MAX_S
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-        raise SystemExit(f"stopped by {self._stopped_by}")
+    def _leave_without_result(self) -> None:
+        """End the task process now, with no result: submitit writes one only for a return or an Exception,
+        and SLURM requeues the task sooner once its processes are gone (rather than after KillWait)."""
+        raise SystemExit(f"stopped by {self._stopped_by}; SLURM requeues or has cancelled this task")
 
 
 class TrainTask(_SlurmTask):
@@ -340,7 +339,7 @@ class TrainTask(_SlurmTask):
         message = ""
         while self.attempts <= self.retries:
             if self._stopped_by is not None:
-                self._wait_for_slurm(job)
+                self._stop_for_slurm(job)
             self.attempts += 1
             where = f"{locks.hostname()} slurm job {_task_id()}"
             fd = B.open_log(job, self.attempts, self.retries + 1, where)
@@ -361,7 +360,7 @@ class TrainTask(_SlurmTask):
                 os.close(fd)
                 self._proc = None
             if self._stopped_by is not None:
-                self._wait_for_slurm(job)
+                self._stop_for_slurm(job)
             if rc == 0 and B.is_complete(job):
                 return self._result(B.JobState.DONE)
             message = B.failure_message(rc, job.run_dir)
@@ -371,14 +370,14 @@ class TrainTask(_SlurmTask):
         F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
         return self._result(B.JobState.FAILED, message)
 
-    def _wait_for_slurm(self, job: B.Job) -> None:
-        """After SIGTERM: free the run and wait for SLURM's SIGKILL, writing no result (a requeued task
-        comes back under the same id; a cancelled one is read as interrupted)."""
+    def _stop_for_slurm(self, job: B.Job) -> None:
+        """After SIGTERM: free the run and end the task with no result (a requeued task comes back under the
+        same id; a cancelled one is read as interrupted)."""
         B.append_log(job, STOPPED_LINE.format(signal=self._stopped_by, why="scancel, requeue or preemption"))
         F.add_slurm_seconds(job.run_dir, time.time() - self._start)
         if self._lock is not None:
             self._lock.release()
-        self._sleep_until_killed()
+        self._leave_without_result()
 
     def checkpoint(self, job: B.Job) -> Any:
         """USR2 (time limit or preemption): stop training (it resumes from its checkpoint), free the run, and
@@ -481,7 +480,7 @@ class CommandTask(_SlurmTask):
                     time.sleep(self.poll)
                 if self._stopped_by is not None:
                     os.write(fd, f"=== {self._stopped_by}: stopped by SLURM ===\n".encode())
-                    self._sleep_until_killed()
+                    self._leave_without_result()
             return int(self._proc.returncode)
         finally:
             os.close(fd)
@@ -495,10 +494,6 @@ class CommandTask(_SlurmTask):
         with contextlib.suppress(OSError), open(log, "a") as f:
             f.write(f"=== {STOPPED_LINE.format(signal='SIGUSR2', why='time limit or preemption')} ===\n")
         return DelayedSubmission(self, job, log)
-
-
-KILL_WAIT_MAX_S = 300.0
-"""After SIGTERM, how long a task waits for SLURM's SIGKILL (KillWait, 30 s by default) before it exits."""
 
 
 def _task_id() -> str:
