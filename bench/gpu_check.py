@@ -421,7 +421,7 @@ def time_limit(seconds: float) -> Any:
 def smoke_part(check: Check) -> dict[str, Any]:
     if not gpu_data.dev_prefix(check.data).with_suffix(".en").is_file():
         return {"error": f"{check.data} has no newstest2013: run python bench/gpu_data.py first"}
-    from experiments.runs import folder as F
+    from experiments.runs import folder as RF
     from experiments.runs import run as R
     from experiments.runs.folder import RunInfo
 
@@ -435,7 +435,7 @@ def smoke_part(check: Check) -> dict[str, Any]:
     summary = R.train(cfg, out / "run", RunInfo("table3", "small", "base"), callbacks=[time_limit(seconds)])
     import csv
 
-    with (out / "run" / F.METRICS).open(newline="") as fh:
+    with (out / "run" / RF.METRICS).open(newline="") as fh:
         dev = [float(r["val/loss"]) for r in csv.DictReader(fh) if r.get("val/loss")]
     return {
         "train_seconds_limit": seconds,

@@ -37,7 +37,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from experiments.runs import folder as F  # noqa: E402
+from experiments.runs import folder as RF  # noqa: E402
 
 MICRO = {
     "model.num_layers": 1, "model.d_model": 32, "model.d_ff": 128, "data.synthetic_pairs": 400,
@@ -104,12 +104,12 @@ def total_steps(folder: Path, study: str) -> tuple[int, int, int]:
     """(training steps, complete trials, pruned trials) from the study's run folders."""
     steps = complete = pruned = 0
     for run in sorted((folder / "results" / "runs" / study / "tiny").glob("study-*/trial*/seed0")):
-        state = F.classify(run).state
-        if state is F.RunState.COMPLETE:
-            steps += json.loads((run / F.SUMMARY).read_text())["train_steps"]
+        state = RF.classify(run).state
+        if state is RF.RunState.COMPLETE:
+            steps += json.loads((run / RF.SUMMARY).read_text())["train_steps"]
             complete += 1
-        elif state is F.RunState.PRUNED:
-            steps += json.loads((run / F.PRUNED).read_text())["train_steps"]
+        elif state is RF.RunState.PRUNED:
+            steps += json.loads((run / RF.PRUNED).read_text())["train_steps"]
             pruned += 1
     return steps, complete, pruned
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.grids.grid import load_grid  # noqa: E402
-from experiments.runs import folder as F  # noqa: E402
+from experiments.runs import folder as RF  # noqa: E402
 from experiments.tables.build import SIGNIFICANCE_CACHE  # noqa: E402
 from transformer_lit.params import count_parameters  # noqa: E402
 
@@ -56,7 +56,7 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
             cfg = grid.config(row, "tiny", seed)
             run_dir = root / "table3" / "tiny" / row / f"seed{seed}"
             run_dir.mkdir(parents=True)
-            F.write_config(run_dir, cfg)
+            RF.write_config(run_dir, cfg)
             steps = cfg.train.max_steps
             ppl = 3.0 + 0.05 * i + 0.02 * seed
             lines = ["epoch,step,train/loss,train/lr,train/nll,val/loss,val/ppl"]
@@ -65,15 +65,15 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
                 if (step + 1) % 200 == 0:
                     val = ppl * (1 + 3 * (steps - step) / steps)
                     lines.append(f"0,{step},,,,{math.log(val):.4f},{val:.4f}")
-            F.write_atomic(run_dir / F.METRICS, "\n".join(lines) + "\n")
+            RF.write_atomic(run_dir / RF.METRICS, "\n".join(lines) + "\n")
             hyp_rng = random.Random(hash((row, seed)))
             noise = 0.1 + 0.01 * i
             hyps = [
                 " ".join(w if hyp_rng.random() > noise else hyp_rng.choice(WORDS) for w in r.split())
                 for r in refs
             ]
-            F.write_atomic(run_dir / F.HYPS_DEV, "\n".join(hyps) + "\n")
-            F.write_atomic(run_dir / F.REFS_DEV, "\n".join(refs) + "\n")
+            RF.write_atomic(run_dir / RF.HYPS_DEV, "\n".join(hyps) + "\n")
+            RF.write_atomic(run_dir / RF.REFS_DEV, "\n".join(refs) + "\n")
             summary = {
                 "grid": "table3",
                 "scale": "tiny",
@@ -94,7 +94,7 @@ def build_runs(root: Path, seeds: int, sentences: int, grid_file: Path, vocab: i
                 "versions": {},
                 "status": "complete",
             }
-            F.write_summary(run_dir, summary)
+            RF.write_summary(run_dir, summary)
             count += 1
     return count
 

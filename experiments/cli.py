@@ -126,7 +126,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from experiments.runs import folder as F
+    from experiments.runs import folder as RF
     from experiments.runs import run as R
 
     if args.no_wandb:
@@ -139,10 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, info = R.planned(run_dir, args.overrides)
     else:
         cfg, info, run_dir = _resolve_train(args)
-    status = F.classify(run_dir, expected=cfg, check_lock=False)  # a live lock: refused just below
-    if status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT):
-        raise F.RunFolderConflict(status.refusal(run_dir))
-    if status.state is F.RunState.COMPLETE:
+    status = RF.classify(run_dir, expected=cfg, check_lock=False)  # a live lock: refused just below
+    if status.state in (RF.RunState.CONFLICT, RF.RunState.CORRUPT):
+        raise RF.RunFolderConflict(status.refusal(run_dir))
+    if status.state is RF.RunState.COMPLETE:
         print(f"{run_dir} is already complete (same config); nothing to do")
         return 0
     with _run_lock(run_dir):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from experiments.cli import main as tlit
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import run as R
 from experiments.runs.lightning_io import resume_checkpoint
 from experiments.tables.sources import read_curve
@@ -25,7 +25,7 @@ from transformer_lit import config as C
 
 def metric_rows(run_dir: Path) -> list[tuple[int, str, str]]:
     """(step, train/loss, val/ppl) of every row of metrics.csv."""
-    with (run_dir / F.METRICS).open(newline="") as fh:
+    with (run_dir / RF.METRICS).open(newline="") as fh:
         return [(int(r["step"]), r["train/loss"], r["val/ppl"]) for r in csv.DictReader(fh)]
 
 
@@ -44,12 +44,12 @@ def test_unreadable_last_checkpoint_falls_back_to_a_periodic_one(tmp_path, caplo
     straight, damaged = tmp_path / "straight", tmp_path / "damaged"
     R.train(cfg, straight)
     shutil.copytree(straight, damaged)
-    (damaged / F.SUMMARY).unlink()
-    ckpts = damaged / F.CKPT_DIR
+    (damaged / RF.SUMMARY).unlink()
+    ckpts = damaged / RF.CKPT_DIR
     (ckpts / "step=0000030.ckpt").unlink()
-    last = ckpts / F.LAST_CKPT
+    last = ckpts / RF.LAST_CKPT
     last.write_bytes(last.read_bytes()[: last.stat().st_size * 2 // 3])
-    assert F.classify(damaged, expected=cfg).state is F.RunState.RECOVERABLE
+    assert RF.classify(damaged, expected=cfg).state is RF.RunState.RECOVERABLE
 
     summary = R.train(cfg, damaged)
     warned = [
@@ -61,23 +61,23 @@ def test_unreadable_last_checkpoint_falls_back_to_a_periodic_one(tmp_path, caplo
     assert summary["train_steps"] == 30
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 30  # rewritten whole
     assert metric_rows(damaged) == metric_rows(straight)  # history kept, the rows after step 20 not doubled
-    assert read_curve(damaged / F.METRICS) == read_curve(straight / F.METRICS)
+    assert read_curve(damaged / RF.METRICS) == read_curve(straight / RF.METRICS)
 
 
 def test_no_readable_checkpoint_is_one_line_and_keeps_the_history(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), *micro_args(tmp_path, steps=20)]
     assert tlit(args) == 0
-    (out / F.SUMMARY).unlink()
-    metrics = (out / F.METRICS).read_bytes()
-    for ckpt in (out / F.CKPT_DIR).glob("*.ckpt"):
+    (out / RF.SUMMARY).unlink()
+    metrics = (out / RF.METRICS).read_bytes()
+    for ckpt in (out / RF.CKPT_DIR).glob("*.ckpt"):
         ckpt.write_bytes(ckpt.read_bytes()[:1000])
     capsys.readouterr()
     assert tlit(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "no checkpoint is readable" in err and f"delete {out / F.CKPT_DIR}" in err
-    assert (out / F.METRICS).read_bytes() == metrics
+    assert "no checkpoint is readable" in err and f"delete {out / RF.CKPT_DIR}" in err
+    assert (out / RF.METRICS).read_bytes() == metrics
 
 
 def test_a_failed_resume_keeps_metrics_csv(tmp_path, capsys):
@@ -85,17 +85,17 @@ def test_a_failed_resume_keeps_metrics_csv(tmp_path, capsys):
     when torch.load verifies it, and neither metrics.csv nor the file is touched."""
     out = tmp_path / "run"
     cfg = micro(tmp_path, steps=10)
-    R.plan(out, cfg, F.RunInfo())
-    (out / F.METRICS).write_text("epoch,step,train/loss,val/ppl\n0,4,5.6,\n0,9,,147.0\n")
-    metrics = (out / F.METRICS).read_bytes()
-    (out / F.CKPT_DIR).mkdir()
-    torch.save({"anything": torch.zeros(3)}, out / F.CKPT_DIR / F.LAST_CKPT)
-    with pytest.raises(F.RunFolderConflict, match="no checkpoint is readable"):
+    R.plan(out, cfg, RF.RunInfo())
+    (out / RF.METRICS).write_text("epoch,step,train/loss,val/ppl\n0,4,5.6,\n0,9,,147.0\n")
+    metrics = (out / RF.METRICS).read_bytes()
+    (out / RF.CKPT_DIR).mkdir()
+    torch.save({"anything": torch.zeros(3)}, out / RF.CKPT_DIR / RF.LAST_CKPT)
+    with pytest.raises(RF.RunFolderConflict, match="no checkpoint is readable"):
         resume_checkpoint(out)
     assert tlit(["train", "--run-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint is readable" in err
-    assert (out / F.METRICS).read_bytes() == metrics
+    assert (out / RF.METRICS).read_bytes() == metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class _FillDisk(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.at:
-            ckpt = self.filler.parent / F.CKPT_DIR / F.LAST_CKPT
+            ckpt = self.filler.parent / RF.CKPT_DIR / RF.LAST_CKPT
             st = os.statvfs(self.filler.parent)
             room = st.f_bavail * st.f_frsize - ckpt.stat().st_size // 2
             with self.filler.open("wb") as f:
@@ -128,12 +128,12 @@ def test_full_disk_never_leaves_a_truncated_checkpoint_and_the_rerun_resumes(tmp
     with pytest.raises(Exception, match=r"(?i)no space|write failed|file write") as failure:
         R.train(cfg, run_dir, callbacks=[_FillDisk(at=20, filler=filler)])
     assert "Traceback" not in str(failure.value).splitlines()[0]
-    ckpts = run_dir / F.CKPT_DIR
+    ckpts = run_dir / RF.CKPT_DIR
     names = sorted(p.name for p in ckpts.iterdir())
-    assert names == [F.LAST_CKPT, "step=0000010.ckpt", F.TOKENIZER], names  # no .tmp, no step 20
-    last = torch.load(ckpts / F.LAST_CKPT, map_location="cpu", weights_only=True)
+    assert names == [RF.LAST_CKPT, "step=0000010.ckpt", RF.TOKENIZER], names  # no .tmp, no step 20
+    last = torch.load(ckpts / RF.LAST_CKPT, map_location="cpu", weights_only=True)
     assert last["global_step"] == 10
-    assert F.classify(run_dir, expected=cfg).state is F.RunState.INTERRUPTED
+    assert RF.classify(run_dir, expected=cfg).state is RF.RunState.INTERRUPTED
 
     filler.unlink()
     summary = R.train(cfg, run_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from experiments.launchers import base as B
 from experiments.launchers.local import LocalLauncher, Slots
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 
 FAILS = """
 import sys
@@ -50,13 +50,13 @@ def test_the_first_error_line_is_in_the_result_and_failed_json(tmp_path: Path):
     [result] = LocalLauncher(slots=cpu(), retries=1, poll=0.05).run([job])
     assert result.state is B.JobState.FAILED and result.attempts == 2
     assert result.message == "exited with status 1: ValueError: data.train: no file /nowhere/train.en"
-    failed = json.loads((run_dir / F.FAILED).read_text())
+    failed = json.loads((run_dir / RF.FAILED).read_text())
     assert failed["error"] == result.message and "loading the data" in failed["log_tail"]
-    assert F.classify(run_dir).detail == result.message  # what tlit grid status shows
+    assert RF.classify(run_dir).detail == result.message  # what tlit grid status shows
 
 
 def test_error_line_reads_only_the_last_attempt_and_ddp_prefixes(tmp_path: Path):
-    log = tmp_path / F.LOG
+    log = tmp_path / RF.LOG
     log.write_text(
         f"\n{B.ATTEMPT_HEADER}x attempt 1/2 ===\nKeyError: 'old'\n"
         f"\n{B.ATTEMPT_HEADER}x attempt 2/2 ===\nsome output\n"
@@ -79,11 +79,11 @@ def test_a_start_on_a_full_disk_keeps_what_the_earlier_attempt_said(small_disk: 
     [result] = LocalLauncher(slots=cpu(), retries=1, poll=0.05).run([job])
     assert result.state is B.JobState.FAILED, result
     assert result.message == (
-        f"could not start: {run_dir / F.LOG}: No space left on device; "
+        f"could not start: {run_dir / RF.LOG}: No space left on device; "
         "the attempt before: RuntimeError: out of patience"
     ), result.message
-    assert "RuntimeError: out of patience" in (run_dir / F.LOG).read_text()  # the log is untouched
+    assert "RuntimeError: out of patience" in (run_dir / RF.LOG).read_text()  # the log is untouched
     (run_dir / "filler").unlink()  # space again: a later failure verdict keeps the earlier tail
-    B.start_failure(job, OSError(28, "No space left on device", str(run_dir / F.LOG)))
-    failed = json.loads((run_dir / F.FAILED).read_text())
+    B.start_failure(job, OSError(28, "No space left on device", str(run_dir / RF.LOG)))
+    failed = json.loads((run_dir / RF.FAILED).read_text())
     assert "RuntimeError: out of patience" in failed["log_tail"] and "the attempt before" in failed["error"]

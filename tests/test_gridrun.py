@@ -20,7 +20,7 @@ from experiments.grids import grid as G
 from experiments.grids import runner as gridrun
 from experiments.launchers import base as B
 from experiments.launchers import local
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo, read_info
@@ -120,7 +120,7 @@ def test_a_finished_run_answers_only_for_its_own_config(table3, tmp_path, capsys
         "status": "complete",
         "ppl_dev": 61.72,
     }
-    F.write_summary(spec.run_dir, summary)
+    RF.write_summary(spec.run_dir, summary)
     before = sorted(p.name for p in spec.run_dir.iterdir())
     ask = ["grid", "run", "table3", "--scale", "tiny", "--rows", "C1", "--runs", str(tmp_path)]
     assert cli.main([*ask, "--devices", "cpu:1", "model.dropout=0.3"]) == 2
@@ -128,7 +128,7 @@ def test_a_finished_run_answers_only_for_its_own_config(table3, tmp_path, capsys
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "holds a run with a different config (model.dropout: 0.1 there, 0.3 now)" in err
     assert sorted(p.name for p in spec.run_dir.iterdir()) == before  # nothing written, nothing started
-    assert json.loads((spec.run_dir / F.SUMMARY).read_text()) == summary
+    assert json.loads((spec.run_dir / RF.SUMMARY).read_text()) == summary
     assert (
         cli.main([*ask, "--devices", "cpu:1", "train.num_threads=1"]) == 0
     )  # same run, run-time field aside
@@ -445,8 +445,8 @@ def test_real_grid_killed_then_resumed(tmp_path):
     assert "attempt 1/2" in log and "resuming" in log
     assert not (second / "run.lock").exists() and not (first / "run.lock").exists()
     # the resumed run's metrics.csv holds the whole run, each validation once (issue 12)
-    curve, problem = read_curve(second / F.METRICS)
-    with (second / F.METRICS).open(newline="") as fh:
+    curve, problem = read_curve(second / RF.METRICS)
+    with (second / RF.METRICS).open(newline="") as fh:
         val_rows = [r for r in csv.DictReader(fh) if r["val/ppl"]]
     assert not problem and [s for s, _ in curve] == [*range(1, 60, 2), 60] and len(val_rows) == len(curve)
 

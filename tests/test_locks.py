@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import lockfile, locks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def _write_lock(run_dir: Path, **fields) -> Path:
         "proc_start": None,
         **fields,
     }
-    path = run_dir / F.LOCK
+    path = run_dir / RF.LOCK
     path.write_text(json.dumps(data))
     return path
 
@@ -114,7 +114,7 @@ def test_heartbeat_touches_the_lock(tmp_path):
 
 
 def test_half_written_lock_is_busy_then_stale(tmp_path):
-    path = tmp_path / F.LOCK
+    path = tmp_path / RF.LOCK
     path.write_text("")
     assert not locks.RunLock(tmp_path).acquire()  # its holder may be writing it right now
     old = time.time() - 60
@@ -127,7 +127,7 @@ def test_release_never_removes_someone_elses_lock(tmp_path):
     assert lock.acquire()
     _write_lock(tmp_path, pid=1, hostname="some-other-node")  # replaced behind our back
     lock.release()
-    assert (tmp_path / F.LOCK).exists()
+    assert (tmp_path / RF.LOCK).exists()
 
 
 RACE = """

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from experiments.grids import grid as G
 from experiments.grids import runner as gridrun
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import run as R
 from tests.test_train_run import micro_args
 from transformer_lit import config as C
@@ -52,9 +52,9 @@ def test_a_real_run_keeps_its_last_periodic_checkpoints_at_the_estimated_size(tm
     cfg = C.apply_overrides(C.base(), args)
     out = tmp_path / "run"
     R.train(cfg, out)
-    files = F.checkpoint_files(out / F.CKPT_DIR)
+    files = RF.checkpoint_files(out / RF.CKPT_DIR)
     assert [p.name for p in files.periodic] == ["step=0000030.ckpt", "step=0000040.ckpt"]
-    sizes = [p.stat().st_size for p in [*files.periodic, out / F.CKPT_DIR / F.LAST_CKPT]]
+    sizes = [p.stat().st_size for p in [*files.periodic, out / RF.CKPT_DIR / RF.LAST_CKPT]]
     estimate = M.checkpoint_bytes(cfg)
     assert all(0.95 * estimate < s < estimate + 64_000 for s in sizes), (sizes, estimate)
     assert abs(sum(sizes) - M.checkpoint_disk(cfg)) < 3 * 64_000

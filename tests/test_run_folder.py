@@ -16,7 +16,7 @@ import torch
 
 from experiments.cli import main as tlit
 from experiments.grids import grid as G
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.locks import RunLock
 from transformer_lit import atomic
 from transformer_lit import config as C
@@ -26,14 +26,14 @@ TABLE3 = G.load_grid("table3")
 
 def _config(run_dir: Path, row: str, **changes) -> None:
     cfg = C.apply_overrides(TABLE3.config(row, "tiny", 0), changes)
-    F.write_config(run_dir, cfg)
+    RF.write_config(run_dir, cfg)
 
 
 def _summary(run_dir: Path, row: str, **changes) -> None:
     summary = {"grid": "table3", "scale": "tiny", "row": row, "seed": 0, "status": "complete"}
     summary |= {"params": 1, "ppl_dev": 5.0, "bleu_dev": 20.0, "bleu_dev_tok": 21.0, "train_steps": 10}
     summary |= {"train_tokens": 100, "wall_seconds": 3.0}
-    F.write_json_atomic(run_dir / F.SUMMARY, summary | changes)
+    RF.write_json_atomic(run_dir / RF.SUMMARY, summary | changes)
 
 
 def _ckpt(path: Path, step: int, whole: bool = True) -> None:
@@ -55,13 +55,13 @@ def running(d: Path, row: str) -> None:
 
 def failed(d: Path, row: str) -> None:
     _config(d, row)
-    F.mark_failed(d, "NonFiniteLossError: nan at step 7")
+    RF.mark_failed(d, "NonFiniteLossError: nan at step 7")
 
 
 def interrupted(d: Path, row: str) -> None:
     _config(d, row)
-    (d / F.LOG).write_text("step 10\n")
-    _ckpt(d / F.CKPT_DIR / F.LAST_CKPT, 10)
+    (d / RF.LOG).write_text("step 10\n")
+    _ckpt(d / RF.CKPT_DIR / RF.LAST_CKPT, 10)
 
 
 def interrupted_stale_lock(d: Path, row: str) -> None:
@@ -69,19 +69,19 @@ def interrupted_stale_lock(d: Path, row: str) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock = {"pid": dead.pid, "hostname": os.uname().nodename, "started": 0.0}
-    (d / F.LOCK).write_text(json.dumps(lock))
+    (d / RF.LOCK).write_text(json.dumps(lock))
 
 
 def recoverable(d: Path, row: str) -> None:
     _config(d, row)
-    _ckpt(d / F.CKPT_DIR / "step=0000010.ckpt", 10)
-    _ckpt(d / F.CKPT_DIR / F.LAST_CKPT, 20, whole=False)
+    _ckpt(d / RF.CKPT_DIR / "step=0000010.ckpt", 10)
+    _ckpt(d / RF.CKPT_DIR / RF.LAST_CKPT, 20, whole=False)
 
 
 def no_readable_checkpoint(d: Path, row: str) -> None:
     _config(d, row)
-    _ckpt(d / F.CKPT_DIR / "step=0000010.ckpt", 10, whole=False)
-    _ckpt(d / F.CKPT_DIR / F.LAST_CKPT, 20, whole=False)
+    _ckpt(d / RF.CKPT_DIR / "step=0000010.ckpt", 10, whole=False)
+    _ckpt(d / RF.CKPT_DIR / RF.LAST_CKPT, 20, whole=False)
 
 
 def pending(d: Path, row: str) -> None:
@@ -90,7 +90,7 @@ def pending(d: Path, row: str) -> None:
 
 def pruned(d: Path, row: str) -> None:
     _config(d, row)
-    F.write_json_atomic(d / F.PRUNED, {"status": "pruned", "train_steps": 5})
+    RF.write_json_atomic(d / RF.PRUNED, {"status": "pruned", "train_steps": 5})
 
 
 def other_config(d: Path, row: str) -> None:
@@ -105,7 +105,7 @@ def other_run(d: Path, row: str) -> None:
 
 def invalid_config(d: Path, row: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    (d / F.CONFIG).write_text(
+    (d / RF.CONFIG).write_text(
         C.to_yaml(TABLE3.config(row, "tiny", 0)).replace("num_heads: 8", "num_heads: abc")
     )
     _summary(d, row)
@@ -113,23 +113,23 @@ def invalid_config(d: Path, row: str) -> None:
 
 def truncated_summary(d: Path, row: str) -> None:
     _config(d, row)
-    (d / F.SUMMARY).write_text('{"grid": "table3", "scale": "ti')
+    (d / RF.SUMMARY).write_text('{"grid": "table3", "scale": "ti')
 
 
-FIXTURES: list[tuple[str, Callable[[Path, str], None], F.RunState]] = [
-    ("base", complete, F.RunState.COMPLETE),
-    ("A1", running, F.RunState.RUNNING),
-    ("A2", failed, F.RunState.FAILED),
-    ("A3", interrupted, F.RunState.INTERRUPTED),
-    ("A4", interrupted_stale_lock, F.RunState.INTERRUPTED),
-    ("B1", recoverable, F.RunState.RECOVERABLE),
-    ("B2", pending, F.RunState.PENDING),
-    ("C1", other_config, F.RunState.CONFLICT),
-    ("C2", other_run, F.RunState.CONFLICT),
-    ("C3", invalid_config, F.RunState.CORRUPT),
-    ("C4", truncated_summary, F.RunState.CORRUPT),
-    ("C5", no_readable_checkpoint, F.RunState.CORRUPT),
-    ("C6", pruned, F.RunState.PRUNED),
+FIXTURES: list[tuple[str, Callable[[Path, str], None], RF.RunState]] = [
+    ("base", complete, RF.RunState.COMPLETE),
+    ("A1", running, RF.RunState.RUNNING),
+    ("A2", failed, RF.RunState.FAILED),
+    ("A3", interrupted, RF.RunState.INTERRUPTED),
+    ("A4", interrupted_stale_lock, RF.RunState.INTERRUPTED),
+    ("B1", recoverable, RF.RunState.RECOVERABLE),
+    ("B2", pending, RF.RunState.PENDING),
+    ("C1", other_config, RF.RunState.CONFLICT),
+    ("C2", other_run, RF.RunState.CONFLICT),
+    ("C3", invalid_config, RF.RunState.CORRUPT),
+    ("C4", truncated_summary, RF.RunState.CORRUPT),
+    ("C5", no_readable_checkpoint, RF.RunState.CORRUPT),
+    ("C6", pruned, RF.RunState.PRUNED),
 ]
 
 
@@ -153,14 +153,14 @@ def test_grid_status_and_table_report_the_same_state_for_every_folder(tmp_path, 
 
 
 def test_details_name_the_problem_and_what_to_do(tmp_path):
-    def status(build: Callable[[Path, str], None], row: str) -> F.Status:
+    def status(build: Callable[[Path, str], None], row: str) -> RF.Status:
         d = tmp_path / row
         build(d, row)
         spec = {"grid": "table3", "scale": "tiny", "row": row, "seed": 0}
-        return F.classify(d, expected=TABLE3.config(row, "tiny", 0), identity=spec)
+        return RF.classify(d, expected=TABLE3.config(row, "tiny", 0), identity=spec)
 
     s = status(recoverable, "B1")
-    assert s.resume_from == tmp_path / "B1" / F.CKPT_DIR / "step=0000010.ckpt"
+    assert s.resume_from == tmp_path / "B1" / RF.CKPT_DIR / "step=0000010.ckpt"
     assert s.detail == "checkpoints/last.ckpt is unreadable; resumes from checkpoints/step=0000010.ckpt"
     s = status(other_config, "C1")
     assert s.refusal(tmp_path / "C1", "--runs") == (
@@ -169,13 +169,13 @@ def test_details_name_the_problem_and_what_to_do(tmp_path):
     )
     s = status(no_readable_checkpoint, "C5")
     assert s.refusal(tmp_path / "C5").endswith(
-        f"delete {tmp_path / 'C5' / F.CKPT_DIR} to train this run from the start"
+        f"delete {tmp_path / 'C5' / RF.CKPT_DIR} to train this run from the start"
     )
     s = status(invalid_config, "C3")
-    assert "config.yaml is invalid: model.num_heads" in s.detail and s.where == tmp_path / "C3" / F.CONFIG
+    assert "config.yaml is invalid: model.num_heads" in s.detail and s.where == tmp_path / "C3" / RF.CONFIG
     s = status(interrupted_stale_lock, "A4")
     assert s.detail.startswith("stale run.lock (pid ") and s.detail.endswith("no checkpoint yet: starts over")
-    assert F.classify(tmp_path / "absent").state is F.RunState.PENDING
+    assert RF.classify(tmp_path / "absent").state is RF.RunState.PENDING
 
 
 def test_grid_status_imports_neither_torch_nor_lightning(tmp_path):

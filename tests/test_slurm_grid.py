@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from experiments.launchers import slurm as S
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from tests.slurm_cluster import cancel_all, our_jobs, squeue, tlit, tlit_background, wait_for, write_grid
 
 pytestmark = pytest.mark.slurm
@@ -65,7 +65,7 @@ def run_dir(tmp: Path, row: str) -> Path:
 
 
 def task_of(tmp: Path, row: str) -> str:
-    recorded = F.read_slurm_job(run_dir(tmp, row))
+    recorded = RF.read_slurm_job(run_dir(tmp, row))
     assert recorded is not None, f"{row} was not submitted"
     return recorded[0]
 
@@ -105,11 +105,11 @@ def test_grid_array_status_rerun_and_cancel(slurm_cluster: Path, tmp_path: Path)
         assert len(submissions(tmp_path)) == 1 and "not submitted again" in again.stderr, again.stderr
 
         def finished(row: str) -> bool:  # the summary is written, and the task has let go of the run
-            return F.read_summary(run_dir(tmp_path, row)) and not (run_dir(tmp_path, row) / F.LOCK).exists()
+            return RF.read_summary(run_dir(tmp_path, row)) and not (run_dir(tmp_path, row) / RF.LOCK).exists()
 
         wait_for(lambda: all(finished(r) for r in QUICK), 300, "the quick runs")
         for row in QUICK:
-            summary = F.read_summary(run_dir(tmp_path, row))
+            summary = RF.read_summary(run_dir(tmp_path, row))
             assert summary["status"] == "complete" and summary["train_steps"] == 4 and summary["row"] == row
         assert all(w[0] == "complete" for w in status(grid, tmp_path, quick).values())
 
@@ -122,7 +122,7 @@ def test_grid_array_status_rerun_and_cancel(slurm_cluster: Path, tmp_path: Path)
 
         def training() -> bool:
             words = status(grid, tmp_path, ",".join(SLOW))
-            has_checkpoint = all((run_dir(tmp_path, r) / F.CKPT_DIR / F.LAST_CKPT).is_file() for r in SLOW)
+            has_checkpoint = all((run_dir(tmp_path, r) / RF.CKPT_DIR / RF.LAST_CKPT).is_file() for r in SLOW)
             return has_checkpoint and all(w[0] == "running" and w[2] == "RUNNING" for w in words.values())
 
         wait_for(training, 240, "both slow runs to train past a checkpoint", every=1.0)
@@ -148,7 +148,9 @@ def test_grid_array_status_rerun_and_cancel(slurm_cluster: Path, tmp_path: Path)
         resubmitted = {row: task_of(tmp_path, row) for row in SLOW}
         assert {t.split("_")[0] for t in resubmitted.values()} - {t.split("_")[0] for t in slow.values()}
     finally:
-        cancel_all(r[0] for d in (tmp_path / "runs").rglob(F.SLURM_JOB) if (r := F.read_slurm_job(d.parent)))
+        cancel_all(
+            r[0] for d in (tmp_path / "runs").rglob(RF.SLURM_JOB) if (r := RF.read_slurm_job(d.parent))
+        )
 
 
 @pytest.mark.parametrize(
@@ -172,28 +174,30 @@ def test_bad_input_is_one_line_and_submits_nothing(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tlit grid: error:") and message in lines[0], out.stderr
     assert our_jobs() == before and not submissions(tmp_path)
-    assert not list((tmp_path / "runs").rglob(F.SLURM_JOB)) if (tmp_path / "runs").exists() else True
+    assert not list((tmp_path / "runs").rglob(RF.SLURM_JOB)) if (tmp_path / "runs").exists() else True
 
 
 def steps_in(run: Path) -> list[int]:
     """The checkpoint steps a run's periodic checkpoints are named after."""
-    return sorted(s for p in (run / F.CKPT_DIR).glob("step=*.ckpt") if (s := F.periodic_step(p)) is not None)
+    return sorted(
+        s for p in (run / RF.CKPT_DIR).glob("step=*.ckpt") if (s := RF.periodic_step(p)) is not None
+    )
 
 
 def resumed_from(run: Path) -> list[int]:
     """Steps each resumed segment started from (``resuming ... (step N)`` lines of train.log)."""
-    text = (run / F.LOG).read_text() if (run / F.LOG).is_file() else ""
+    text = (run / RF.LOG).read_text() if (run / RF.LOG).is_file() else ""
     return [int(n) for n in re.findall(r"resuming .* \(step (\d+)\)", text)]
 
 
 def first_steps(run: Path) -> int:
-    log = run / F.LOG
+    log = run / RF.LOG
     return log.read_text().count("first training step") if log.is_file() else 0
 
 
 def val_rows(run: Path) -> list[tuple[str, ...]]:
     """metrics.csv's rows as written, but the epoch (Lightning's epoch counter differs after a resume)."""
-    with (run / F.METRICS).open(newline="") as fh:
+    with (run / RF.METRICS).open(newline="") as fh:
         return [tuple(v for k, v in row.items() if k != "epoch") for row in csv.DictReader(fh)]
 
 
@@ -206,10 +210,10 @@ def test_preempted_task_resumes_from_its_checkpoint_both_ways(slurm_cluster: Pat
     victim, twin = run_dir(tmp_path, "victim"), run_dir(tmp_path, "twin")
     waiting = tlit_background(*grid_args(grid, tmp_path, "victim,twin"), cwd=tmp_path)  # waits for the array
     try:
-        wait_for(lambda: F.read_slurm_job(victim), 60, "the array to be submitted")
+        wait_for(lambda: RF.read_slurm_job(victim), 60, "the array to be submitted")
         task = task_of(tmp_path, "victim")
         wait_for(
-            lambda: steps_in(victim) and not F.read_summary(victim), 240, "a first checkpoint", every=0.1
+            lambda: steps_in(victim) and not RF.read_summary(victim), 240, "a first checkpoint", every=0.1
         )
         before = steps_in(victim)[-1]
         requeued_at = time.monotonic()
@@ -224,7 +228,7 @@ def test_preempted_task_resumes_from_its_checkpoint_both_ways(slurm_cluster: Pat
         before = steps_in(victim)[-1]
         subprocess.run(["scancel", "--signal=USR2", task], check=True)
         wait_for(lambda: first_steps(victim) >= 3, 240, "the task to come back after USR2", every=0.2)
-        log = (victim / F.LOG).read_text()
+        log = (victim / RF.LOG).read_text()
         assert S.STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption") in log
         second = resumed_from(victim)[1]
         assert second >= before > first
@@ -233,9 +237,9 @@ def test_preempted_task_resumes_from_its_checkpoint_both_ways(slurm_cluster: Pat
     finally:
         if waiting.poll() is None:
             waiting.kill()
-        cancel_all([task_of(tmp_path, "victim")] if F.read_slurm_job(victim) else [])
+        cancel_all([task_of(tmp_path, "victim")] if RF.read_slurm_job(victim) else [])
     assert waiting.returncode == 0, out
-    a, b = F.read_summary(twin), F.read_summary(victim)
+    a, b = RF.read_summary(twin), RF.read_summary(victim)
     assert a["train_steps"] == b["train_steps"] == 200
     assert b["ppl_dev"] == pytest.approx(a["ppl_dev"], rel=1e-9, abs=0)
     # metrics.csv continues across the segments: every logged step once, the same values as the twin's
@@ -244,9 +248,9 @@ def test_preempted_task_resumes_from_its_checkpoint_both_ways(slurm_cluster: Pat
     line = next(x for x in out.splitlines() if x.startswith("micro/micro/victim/seed0"))
     minutes, seconds = re.search(r"time=(?:(\d+)m)?(\d+)s", line).groups()  # fmt_seconds: 48s, 1m05s
     reported = 60 * int(minutes or 0) + int(seconds)
-    headers = re.findall(r"attempt \d+/\d+ at (\S+ \S+) on", (victim / F.LOG).read_text())
+    headers = re.findall(r"attempt \d+/\d+ at (\S+ \S+) on", (victim / RF.LOG).read_text())
     last_start = time.mktime(time.strptime(headers[-1], "%Y-%m-%d %H:%M:%S"))
-    last_segment = (victim / F.SUMMARY).stat().st_mtime - last_start
+    last_segment = (victim / RF.SUMMARY).stat().st_mtime - last_start
     assert reported > last_segment + 2, (reported, last_segment)
 
 
@@ -262,10 +266,10 @@ def test_time_limit_requeues_up_to_max_requeues_then_fails(slurm_cluster: Path, 
     try:
         out = tlit(*grid_args(grid, tmp_path, "endless", *limits), cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
-        wait_for(lambda: (endless / F.FAILED).is_file(), 300, "endless to be marked failed", every=1.0)
-        reason = json.loads((endless / F.FAILED).read_text())["error"]
+        wait_for(lambda: (endless / RF.FAILED).is_file(), 300, "endless to be marked failed", every=1.0)
+        reason = json.loads((endless / RF.FAILED).read_text())["error"]
         assert reason.startswith("timed out more than --max-requeues 1 times"), reason
-        log = (endless / F.LOG).read_text()
+        log = (endless / RF.LOG).read_text()
         assert log.count(S.STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption")) == 2
         assert "not requeued: timed out more than --max-requeues 1 times" in log
         (resumed,) = resumed_from(endless)  # the second segment went on from the first one's checkpoint
@@ -273,4 +277,6 @@ def test_time_limit_requeues_up_to_max_requeues_then_fails(slurm_cluster: Path, 
         words = status(grid, tmp_path, "endless")["endless"]
         assert words[0] == "failed" and "--max-requeues 1" in " ".join(words), words
     finally:
-        cancel_all(r[0] for d in (tmp_path / "runs").rglob(F.SLURM_JOB) if (r := F.read_slurm_job(d.parent)))
+        cancel_all(
+            r[0] for d in (tmp_path / "runs").rglob(RF.SLURM_JOB) if (r := RF.read_slurm_job(d.parent))
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.watchdog import EXIT_STALLED, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_a_stalled_ddp_run_is_killed_and_retried(tmp_path):
     try:
         deadline = time.monotonic() + 300
         while stopped is None and time.monotonic() < deadline and grid.poll() is None:
-            log = run_dir / F.LOG
+            log = run_dir / RF.LOG
             if log.is_file() and "first training step on rank 1" in log.read_text():
                 stopped = rank_one(grid.pid)
                 if stopped is not None:
@@ -79,7 +79,7 @@ def test_a_stalled_ddp_run_is_killed_and_retried(tmp_path):
     finally:
         if grid.poll() is None:
             grid.kill()
-    log = (run_dir / F.LOG).read_text()
+    log = (run_dir / RF.LOG).read_text()
     assert grid.returncode == 0, out + log[-3000:]
     assert "stalled: no training step for 0.1 min (train.stall_timeout=0.1)" in log, log[-3000:]
     assert "killing pid" in log and str(stopped) in log  # rank 0 took its stopped rank 1 down with it
@@ -88,5 +88,5 @@ def test_a_stalled_ddp_run_is_killed_and_retried(tmp_path):
     assert (
         not Path(f"/proc/{stopped}").exists() or "Z" in Path(f"/proc/{stopped}/stat").read_text().split()[2]
     )
-    summary = json.loads((run_dir / F.SUMMARY).read_text())
+    summary = json.loads((run_dir / RF.SUMMARY).read_text())
     assert summary["status"] == "complete" and summary["train_steps"] == 300

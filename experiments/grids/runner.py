@@ -21,7 +21,7 @@ from experiments.grids import grid as G
 from experiments.launchers import base as B
 from experiments.launchers.calibration import Calibration
 from experiments.launchers.local import Slots, check_packing
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import locks
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo
@@ -130,17 +130,17 @@ class SpecStatus:
     """A grid run and its folder's state."""
 
     spec: G.RunSpec
-    status: F.Status
+    status: RF.Status
 
     @property
-    def state(self) -> F.RunState:
+    def state(self) -> RF.RunState:
         return self.status.state
 
     @property
     def elapsed(self) -> float | None:
-        if self.state is F.RunState.COMPLETE:
+        if self.state is RF.RunState.COMPLETE:
             return (self.status.summary or {}).get("wall_seconds")
-        if self.state is F.RunState.RUNNING and self.status.lock is not None:
+        if self.state is RF.RunState.RUNNING and self.status.lock is not None:
             return time.time() - self.status.lock.started
         return None
 
@@ -151,7 +151,9 @@ def identity(spec: G.RunSpec) -> dict[str, Any]:
 
 
 def run_state(spec: G.RunSpec, lock_timeout: float = locks.DEFAULT_STALE_AFTER) -> SpecStatus:
-    status = F.classify(spec.run_dir, expected=spec.config, identity=identity(spec), stale_after=lock_timeout)
+    status = RF.classify(
+        spec.run_dir, expected=spec.config, identity=identity(spec), stale_after=lock_timeout
+    )
     return SpecStatus(spec, status)
 
 
@@ -178,7 +180,10 @@ def slurm_states(states: Sequence[SpecStatus]) -> dict[str, str]:
 
     tasks = {}
     for s in states:
-        if s.state is not F.RunState.COMPLETE and (recorded := F.read_slurm_job(s.spec.run_dir)) is not None:
+        if (
+            s.state is not RF.RunState.COMPLETE
+            and (recorded := RF.read_slurm_job(s.spec.run_dir)) is not None
+        ):
             tasks[s.spec.name] = recorded[0]
     known = slurm_jobs.job_states(tasks.values())
     return {name: f"{task} {known.get(task, '?')}" for name, task in tasks.items()}
@@ -193,13 +198,13 @@ def format_status(states: Sequence[SpecStatus], slurm: dict[str, str] | None = N
     head = f"{'slurm':<{swidth}}  " if slurm else ""
     lines = [f"{'run':<{width}}  {'state':<11}  {head}{'ppl_dev':>8}  {'bleu_dev':>8}  {'elapsed':>8}  note"]
     for s in states:
-        summary = s.status.summary if s.state is F.RunState.COMPLETE else None
+        summary = s.status.summary if s.state is RF.RunState.COMPLETE else None
         lines.append(
             f"{s.spec.name:<{width}}  {s.state.value:<11}  {column(s.spec.name)}"
             f"{_num(summary, 'ppl_dev', '.2f'):>8}  {_num(summary, 'bleu_dev', '.2f'):>8}  "
             f"{fmt_seconds(s.elapsed):>8}  {s.status.detail}".rstrip()
         )
-    counts = {k: sum(s.state is k for s in states) for k in F.RunState}
+    counts = {k: sum(s.state is k for s in states) for k in RF.RunState}
     lines.append(f"total {len(states)}: " + ", ".join(f"{n} {k.value}" for k, n in counts.items() if n))
     return "\n".join(lines)
 
@@ -239,7 +244,7 @@ def format_plan(
         memory, disk = training_memory(cfg).total, checkpoint_disk(cfg)
         state = run_state(spec, lock_timeout).state
         disk_all += disk
-        if state is not F.RunState.COMPLETE:
+        if state is not RF.RunState.COMPLETE:
             todo.append(est * cfg.train.devices)
             disk_todo += disk
             if cfg.train.devices == 1:
@@ -247,7 +252,7 @@ def format_plan(
         lines.append(
             f"{spec.name:<{width}}  {spec.label[:20]:<20}  {params:>11,}  {cfg.train.max_steps:>8,}  "
             f"{fmt_seconds(est):>8}  {fmt_bytes(memory):>8}  {fmt_bytes(disk):>9}  "
-            f"{'complete (skipped)' if state is F.RunState.COMPLETE else state.value}"
+            f"{'complete (skipped)' if state is RF.RunState.COMPLETE else state.value}"
         )
     if slots.kind == "cpu":
         speed = "calibrated on 2 CPU cores"
@@ -303,18 +308,18 @@ def runs_to_do(specs: Sequence[G.RunSpec]) -> tuple[list[G.RunSpec], list[B.JobR
     todo, skipped, refused = [], [], []
     for spec in specs:
         status = run_state(spec).status
-        if status.state is F.RunState.COMPLETE:
+        if status.state is RF.RunState.COMPLETE:
             locks.clear_stale(spec.run_dir)
             skipped.append(
                 B.JobResult(spec.name, spec.run_dir, B.JobState.SKIPPED, message="already complete")
             )
-        elif status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT):
+        elif status.state in (RF.RunState.CONFLICT, RF.RunState.CORRUPT):
             refused.append(status.refusal(spec.run_dir, elsewhere="--runs"))
         else:
             todo.append(spec)
     if refused:
         more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
-        raise F.RunFolderConflict(refused[0] + more)
+        raise RF.RunFolderConflict(refused[0] + more)
     return todo, skipped
 
 
@@ -348,7 +353,7 @@ def final_lines(specs: Sequence[G.RunSpec], results: dict[str, B.JobResult]) -> 
     for spec in specs:
         r = results.get(spec.name)
         state = r.state.value if r else "pending"
-        summary = F.read_summary(spec.run_dir)
+        summary = RF.read_summary(spec.run_dir)
         metrics = ""
         if summary:
             metrics = (
@@ -383,7 +388,7 @@ def run_grid(
     if skipped:
         print(f"{len(skipped)} of {len(specs)} runs already complete; skipping them", file=out)
     for where in sorted({spec.run_dir.parents[1] for spec in todo}):  # <runs>/<grid>/<scale>
-        F.check_writable(where)  # an unwritable --runs: one line, before the data is prepared
+        RF.check_writable(where)  # an unwritable --runs: one line, before the data is prepared
     prepare_for((spec.config for spec in todo), out)  # before any run folder is written or job starts
     jobs = plan_jobs(todo, launcher)
     results = {r.name: r for r in skipped}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.launchers.calibration import Calibration
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from transformer_lit import config as C
 from transformer_lit.errors import os_error_line
 from transformer_lit.params import count_parameters
@@ -93,7 +93,7 @@ class Job:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / F.LOG
+        return self.run_dir / RF.LOG
 
 
 @dataclass
@@ -170,7 +170,7 @@ def train_argv(run_dir: Path, runtime: Sequence[str] = ()) -> list[str]:
 
 def is_complete(job: Job) -> bool:
     """The job's run folder is complete, with the job's config (``folder.classify``)."""
-    return F.classify(job.run_dir, expected=job.expected, check_lock=False).state is F.RunState.COMPLETE
+    return RF.classify(job.run_dir, expected=job.expected, check_lock=False).state is RF.RunState.COMPLETE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,9 +238,9 @@ def start_failure(job: Job, err: OSError) -> str:
     if earlier := error_line(job.log_path):
         message += f"; the attempt before: {earlier}"
     try:
-        F.mark_failed(job.run_dir, message, log_tail(job.log_path))
+        RF.mark_failed(job.run_dir, message, log_tail(job.log_path))
     except OSError as again:
-        log.warning("%s: %s (%s not written: %s)", job.name, message, F.FAILED, again.strerror)
+        log.warning("%s: %s (%s not written: %s)", job.name, message, RF.FAILED, again.strerror)
     return message
 
 
@@ -302,12 +302,12 @@ def terminate(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
 def failure_message(returncode: int | None, run_dir: Path) -> str:
     """``exited with status 1: ValueError: ...``: the exit, then the log's first error line."""
     if returncode == 0:
-        return f"exited 0 but {run_dir / F.SUMMARY} is missing or not complete"
+        return f"exited 0 but {run_dir / RF.SUMMARY} is missing or not complete"
     if returncode is not None and returncode < 0:
         how = f"killed by signal {signal.Signals(-returncode).name}"
     else:
         how = f"exited with status {returncode}"
-    why = error_line(Path(run_dir) / F.LOG)
+    why = error_line(Path(run_dir) / RF.LOG)
     return f"{how}: {why}" if why else how
 
 
@@ -367,5 +367,5 @@ def fake_job(
     instead. Each start and finish is appended to ``ledger`` as ``start|done RUN_DIR PID TIME``. Killed and
     restarted, it resumes from the time it had already run (like a checkpointed run)."""
     argv = [sys.executable, "-c", _FAKE_JOB, str(run_dir), str(seconds), str(fail_times), str(ledger or "")]
-    argv.append(F.SUMMARY)
+    argv.append(RF.SUMMARY)
     return Job(name, argv, Path(run_dir), slots=slots, cost=seconds if cost is None else cost)

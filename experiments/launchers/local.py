@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from experiments.launchers import base as B
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import locks
 from transformer_lit.errors import no_gpu_message
 from transformer_lit.memory import fmt_bytes
@@ -461,7 +461,7 @@ class LocalLauncher(B.Launcher):
         if w.note and self._failed_since_start(job):
             lock.release()
             self._pending.remove(w)
-            return self._finish(w, B.JobState.FAILED, f"failed in another grid (see {F.FAILED})")
+            return self._finish(w, B.JobState.FAILED, f"failed in another grid (see {RF.FAILED})")
         w.attempts += 1
         slot_ids = self._take(job.slots)
         attempts = self.retries + 1
@@ -483,7 +483,7 @@ class LocalLauncher(B.Launcher):
         return None
 
     def _failed_since_start(self, job: B.Job) -> bool:
-        path = job.run_dir / F.FAILED
+        path = job.run_dir / RF.FAILED
         with contextlib.suppress(OSError):
             return path.stat().st_mtime >= self._t0
         return False
@@ -513,7 +513,7 @@ class LocalLauncher(B.Launcher):
                 self._pending.insert(self._position(w), w)
                 log.warning("%s: %s; retrying (%d/%d)", name, message, w.attempts, self.retries)
                 continue
-            F.mark_failed(r.job.run_dir, message, B.log_tail(r.job.log_path))
+            RF.mark_failed(r.job.run_dir, message, B.log_tail(r.job.log_path))
             r.lock.release()
             self._finish(w, B.JobState.FAILED, message)
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from experiments.launchers import base as B
 from experiments.launchers import slurm_jobs
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import locks
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class TrainTask(_SlurmTask):
         from submitit.core.utils import UncompletedJobError
 
         self._start = time.time()
-        self._before = F.slurm_seconds(job.run_dir)  # earlier segments of this submission
+        self._before = RF.slurm_seconds(job.run_dir)  # earlier segments of this submission
         if B.is_complete(job):
             return _skipped("already complete")
         lock = locks.RunLock(job.run_dir, stale_after=self.lock_timeout, note={"run": job.name})
@@ -323,7 +323,7 @@ class TrainTask(_SlurmTask):
         except UncompletedJobError as err:  # submitit's USR2 handler, past --max-requeues time limits
             message = f"timed out more than --max-requeues {self.max_requeues} times ({err})"
             B.append_log(job, f"not requeued: {message}")
-            F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+            RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
             return self._result(B.JobState.FAILED, message)
         finally:
             lock.release()
@@ -367,14 +367,14 @@ class TrainTask(_SlurmTask):
             B.append_log(job, f"attempt {self.attempts} failed: {message}")
             if rc == B.USER_ERROR_EXIT:
                 break
-        F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+        RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
         return self._result(B.JobState.FAILED, message)
 
     def _stop_for_slurm(self, job: B.Job) -> None:
         """After SIGTERM: free the run and end the task with no result (a requeued task comes back under the
         same id; a cancelled one is read as interrupted)."""
         B.append_log(job, STOPPED_LINE.format(signal=self._stopped_by, why="scancel, requeue or preemption"))
-        F.add_slurm_seconds(job.run_dir, time.time() - self._start)
+        RF.add_slurm_seconds(job.run_dir, time.time() - self._start)
         if self._lock is not None:
             self._lock.release()
         self._leave_without_result()
@@ -393,7 +393,7 @@ class TrainTask(_SlurmTask):
             self.attempts = max(0, self.attempts - 1)  # a preemption is not a failed attempt
         if self._lock is not None:
             self._lock.release()
-        F.add_slurm_seconds(job.run_dir, time.time() - self._start)
+        RF.add_slurm_seconds(job.run_dir, time.time() - self._start)
         B.append_log(job, STOPPED_LINE.format(signal="SIGUSR2", why="time limit or preemption"))
 
 
@@ -436,7 +436,7 @@ class PackedTask:
             for job in jobs:
                 if job.name not in results:
                     message = f"timed out more than --max-requeues {self.template.max_requeues} times ({err})"
-                    F.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+                    RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
                     results[job.name] = self.tasks[job.name]._result(B.JobState.FAILED, message)
         finally:
             with contextlib.suppress(ValueError, TypeError):
@@ -627,7 +627,7 @@ class SlurmLauncher(B.Launcher):
                 for job in bundle:
                     handles[jobs.index(job)] = handle
                     if self.cluster == "slurm":
-                        F.write_slurm_job(job.run_dir, str(handle.job_id), self.options.folder)
+                        RF.write_slurm_job(job.run_dir, str(handle.job_id), self.options.folder)
         log.info("submitted %d runs to %s: jobs %s", len(jobs), self.cluster, ", ".join(self.job_ids))
         return handles
 
@@ -651,7 +651,7 @@ class SlurmLauncher(B.Launcher):
         submitit folder). A rerun follows those instead of submitting them again."""
         if self.cluster != "slurm":
             return {}
-        recorded = {j.name: rec for j in jobs if (rec := F.read_slurm_job(j.run_dir)) is not None}
+        recorded = {j.name: rec for j in jobs if (rec := RF.read_slurm_job(j.run_dir)) is not None}
         states = slurm_jobs.job_states(rec[0] for rec in recorded.values())
         return {n: rec for n, rec in recorded.items() if states.get(rec[0]) in slurm_jobs.ALIVE}
 

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from transformer_lit import config as C
 
 if TYPE_CHECKING:
@@ -47,13 +47,13 @@ def _checkpoint_paths(run_dir: Path, average: int | None, checkpoint: str | None
     """The checkpoint file(s) whose weights to use: one file, or the last ``average`` periodic ones."""
     if average is not None and checkpoint is not None:
         raise RunFolderError("give either average or checkpoint, not both")
-    ckpt_dir = run_dir / F.CKPT_DIR
+    ckpt_dir = run_dir / RF.CKPT_DIR
     if checkpoint is not None:
         for candidate in (Path(checkpoint), run_dir / checkpoint, ckpt_dir / checkpoint):
             if candidate.is_file():
                 return [candidate]
         raise RunFolderError(f"checkpoint {checkpoint} not found (looked in . , {run_dir} and {ckpt_dir})")
-    files = F.checkpoint_files(ckpt_dir)
+    files = RF.checkpoint_files(ckpt_dir)
     if average is not None:
         if average < 1:
             raise RunFolderError(f"average must be >= 1 checkpoints, got {average}")
@@ -68,7 +68,7 @@ def _checkpoint_paths(run_dir: Path, average: int | None, checkpoint: str | None
     if files.periodic:
         return [files.periodic[-1]]
     raise RunFolderError(
-        f"{run_dir} has no checkpoint ({F.CKPT_DIR}/{F.LAST_CKPT} missing): has it trained yet?"
+        f"{run_dir} has no checkpoint ({RF.CKPT_DIR}/{RF.LAST_CKPT} missing): has it trained yet?"
     )
 
 
@@ -92,12 +92,12 @@ def load_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is not a run folder: no such directory")
-    if not (run_dir / F.CONFIG).is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: it has no {F.CONFIG}")
-    cfg = C.load_yaml(run_dir / F.CONFIG)
-    tok_path = run_dir / F.CKPT_DIR / F.TOKENIZER
+    if not (run_dir / RF.CONFIG).is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {RF.CONFIG}")
+    cfg = C.load_yaml(run_dir / RF.CONFIG)
+    tok_path = run_dir / RF.CKPT_DIR / RF.TOKENIZER
     if not tok_path.is_file():
-        raise RunFolderError(f"{run_dir} has no {F.CKPT_DIR}/{F.TOKENIZER}: has it trained yet?")
+        raise RunFolderError(f"{run_dir} has no {RF.CKPT_DIR}/{RF.TOKENIZER}: has it trained yet?")
     paths = _checkpoint_paths(run_dir, average, checkpoint)
     tokenizer = Tokenizer.load(tok_path)
     state = average_checkpoints(paths) if len(paths) > 1 else load_state_dict(paths[0])
@@ -106,7 +106,7 @@ def load_run(
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise RunFolderError(f"{paths[-1]} does not fit {run_dir / F.CONFIG}'s model: {detail}") from None
+        raise RunFolderError(f"{paths[-1]} does not fit {run_dir / RF.CONFIG}'s model: {detail}") from None
     log.info("loaded %s from %s", run_dir, paths[0].name if len(paths) == 1 else f"the mean of {len(paths)}")
     return cfg, model.eval(), tokenizer
 
@@ -263,7 +263,7 @@ def eval_run(
         nll, ntok = teacher_forced_nll(model, tokenizer, pairs, batch_size=cfg.eval.batch_size)
     bleu, signature = sacre_bleu(hyps, refs)
     tag = _tag(cfg, beam, alpha, max_len_b, average, checkpoint)
-    hyps_file, eval_file = run_dir / F.hyps_name(split, tag), run_dir / F.eval_name(split, tag)
+    hyps_file, eval_file = run_dir / RF.hyps_name(split, tag), run_dir / RF.eval_name(split, tag)
     result: dict[str, Any] = {
         "split": split,
         "bleu": bleu,
@@ -283,8 +283,8 @@ def eval_run(
         "decode_seconds": round(decode_seconds, 3),
         "hyps_file": hyps_file.name,
     }
-    F.write_atomic(hyps_file, "".join(h.replace("\n", " ") + "\n" for h in hyps))
-    F.write_atomic(eval_file, json.dumps(result, indent=2) + "\n")
+    RF.write_atomic(hyps_file, "".join(h.replace("\n", " ") + "\n" for h in hyps))
+    RF.write_atomic(eval_file, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -326,7 +326,7 @@ def average_run(run_dir: str | Path, last: int, out_file: str | Path) -> Path:
     from transformer_lit.checkpoints import average_checkpoints, save_state_dict
 
     run_dir = Path(run_dir)
-    if not (run_dir / F.CONFIG).is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: it has no {F.CONFIG}")
+    if not (run_dir / RF.CONFIG).is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {RF.CONFIG}")
     paths = _checkpoint_paths(run_dir, last, None)
     return save_state_dict(average_checkpoints(paths), out_file)

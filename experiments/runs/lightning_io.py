@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def load_problem(path: Path) -> str:
     """Why ``path`` cannot be resumed from ("" when it loads with ``weights_only=True``)."""
-    if not F.looks_whole(path):
+    if not RF.looks_whole(path):
         return "cut short (its zip directory is missing or points past its end)"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -66,7 +66,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             if problem:
                 raise OSError(f"checkpoint {path} does not load back ({problem}); it was not kept")
 
-        with F.atomic_path(Path(path), verify=verify) as tmp, open(tmp, "wb") as f:
+        with RF.atomic_path(Path(path), verify=verify) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             written = f.tell()
@@ -80,7 +80,7 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
         RunFolderConflict: there are checkpoints, and none of them loads (one line: what to delete).
     """
     bad: list[tuple[Path, str]] = []
-    for path in F.resume_candidates(run_dir):
+    for path in RF.resume_candidates(run_dir):
         problem = load_problem(path)
         if problem:
             bad.append((path, problem))
@@ -95,7 +95,7 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
         return path, int(step)
     if bad:
-        raise F.RunFolderConflict(f"{run_dir}: {F.NO_READABLE_CHECKPOINT}; {F.restart_advice(run_dir)}")
+        raise RF.RunFolderConflict(f"{run_dir}: {RF.NO_READABLE_CHECKPOINT}; {RF.restart_advice(run_dir)}")
     return None, 0
 
 
@@ -147,7 +147,7 @@ class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV writer without the deletion of an existing file, cut back to the rows before
     ``keep_before`` (their columns kept), and with header rewrites that are atomic."""
 
-    NAME_METRICS_FILE = F.METRICS
+    NAME_METRICS_FILE = RF.METRICS
 
     def __init__(self, log_dir: str, keep_before: int) -> None:
         self._keep_before = keep_before
@@ -182,7 +182,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _write_rows(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
-    with F.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    with RF.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)

@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.lockfile import DEFAULT_STALE_AFTER, LockInfo, hostname, payload
 from experiments.runs.lockfile import read as _read
 
@@ -43,17 +43,17 @@ HEARTBEAT_EVERY = 60.0
 
 def read_lock(run_dir: str | Path) -> LockInfo | None:
     """The lock of ``run_dir``; None if there is none. A file that cannot be parsed reads as pid -1."""
-    return _read(Path(run_dir) / F.LOCK)
+    return _read(Path(run_dir) / RF.LOCK)
 
 
 def lock_is_held(run_dir: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> LockInfo | None:
     """The live holder of ``run_dir``'s lock, or None when it is free or stale (status display)."""
-    return F.live_lock(run_dir, stale_after)
+    return RF.live_lock(run_dir, stale_after)
 
 
 def clear_stale(run_dir: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> None:
     """Remove ``run_dir``'s lock if it is stale (a run that completed just before its grid was killed)."""
-    if (Path(run_dir) / F.LOCK).exists():
+    if (Path(run_dir) / RF.LOCK).exists():
         lock = RunLock(run_dir, stale_after=stale_after)
         if lock.acquire():
             lock.release()
@@ -75,7 +75,7 @@ class RunLock:
         self, run_dir: str | Path, *, stale_after: float = DEFAULT_STALE_AFTER, note: dict | None = None
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / F.LOCK
+        self.path = self.run_dir / RF.LOCK
         self.stale_after = stale_after
         self.note = dict(note or {})
         self.held = False
@@ -103,7 +103,7 @@ class RunLock:
     def _try_create(self) -> bool:
         """Publish a complete lock file in one step; False if one exists."""
         try:
-            F.write_atomic(self.path, payload(self.note), exclusive=True)
+            RF.write_atomic(self.path, payload(self.note), exclusive=True)
         except FileExistsError:
             return False
         return True

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.folder import RUNTIME_FIELDS, RunFolderConflict, RunInfo
 from transformer_lit import config as C
 
@@ -29,8 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def check_config(run_dir: Path, cfg: C.RunConfig) -> bool:
     """Whether ``run_dir`` needs ``cfg`` written: True when it has no config.yaml or one that differs only in
     RUNTIME_FIELDS; refuses a folder that holds another config (``RunFolderConflict``)."""
-    status = F.classify(run_dir, expected=cfg, check_lock=False)
-    if status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT) and status.where == run_dir / F.CONFIG:
+    status = RF.classify(run_dir, expected=cfg, check_lock=False)
+    if status.state in (RF.RunState.CONFLICT, RF.RunState.CORRUPT) and status.where == run_dir / RF.CONFIG:
         raise RunFolderConflict(status.refusal(run_dir))
     return status.config != cfg
 
@@ -39,22 +39,22 @@ def check_or_write_config(run_dir: Path, cfg: C.RunConfig) -> None:
     """First run: write config.yaml. Later runs: it must be the same config (up to RUNTIME_FIELDS, which are
     updated), or the folder is refused."""
     if check_config(run_dir, cfg):
-        F.write_config(run_dir, cfg)
+        RF.write_config(run_dir, cfg)
 
 
 def plan(run_dir: Path, cfg: C.RunConfig, info: RunInfo) -> None:
     """In the process that plans the run: write its resolved config (config.yaml) and names (run.json).
     The training process reads both (``planned``) and never resolves the config again."""
     check_or_write_config(run_dir, cfg)
-    F.write_info(run_dir, info)
+    RF.write_info(run_dir, info)
 
 
 def planned(run_dir: Path, runtime: Sequence[str] = ()) -> tuple[C.RunConfig, RunInfo]:
     """In the training process: the config and names the planner wrote, with run-time overrides (where the
     run executes: RUNTIME_FIELDS) applied. Any other override would change the run: refused."""
-    if not (run_dir / F.CONFIG).is_file():
+    if not (run_dir / RF.CONFIG).is_file():
         raise FileNotFoundError(
-            f"{run_dir} has no {F.CONFIG}; plan the run first (tlit grid run, or tlit train --row --scale)"
+            f"{run_dir} has no {RF.CONFIG}; plan the run first (tlit grid run, or tlit train --row --scale)"
         )
     values = dict(C.parse_override(o) for o in runtime)
     for key in values:
@@ -63,7 +63,7 @@ def planned(run_dir: Path, runtime: Sequence[str] = ()) -> tuple[C.RunConfig, Ru
                 f"{key} would change the planned run in {run_dir}; tlit train --run-dir takes only run-time "
                 f"overrides: {', '.join(sorted(RUNTIME_FIELDS))}"
             )
-    return C.apply_overrides(C.load_yaml(run_dir / F.CONFIG), values), F.read_info(run_dir)
+    return C.apply_overrides(C.load_yaml(run_dir / RF.CONFIG), values), RF.read_info(run_dir)
 
 
 def git_sha() -> str:
@@ -94,10 +94,10 @@ def train(
     ``callbacks`` are extra Lightning callbacks (a sweep's pruning callback)."""
     info = info or RunInfo()
     run_dir = Path(run_dir)
-    status = F.classify(run_dir, expected=cfg, check_lock=False)  # our caller holds the lock, if any
-    if status.state in (F.RunState.CONFLICT, F.RunState.CORRUPT):
+    status = RF.classify(run_dir, expected=cfg, check_lock=False)  # our caller holds the lock, if any
+    if status.state in (RF.RunState.CONFLICT, RF.RunState.CORRUPT):
         raise RunFolderConflict(status.refusal(run_dir))
-    if status.state is F.RunState.COMPLETE:
+    if status.state is RF.RunState.COMPLETE:
         log.info("%s is already complete; nothing to do", run_dir)
         return status.summary or {}
     from experiments.runs.trainer import check_accelerator, fit_and_evaluate  # torch only once there is work
@@ -107,5 +107,5 @@ def train(
     summary = fit_and_evaluate(cfg, run_dir, info, callbacks or [])
     if summary is not None:
         summary.update(git_sha=git_sha(), versions=versions())
-        F.write_summary(run_dir, summary)
+        RF.write_summary(run_dir, summary)
     return summary or {}

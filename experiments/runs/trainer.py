@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.folder import RunInfo
 from experiments.runs.lightning_io import (
     ResumableCSVLogger,
@@ -61,8 +61,8 @@ def build_trainer(
     accumulate = C.accumulation(cfg, _world_size(cfg))
     checkpoint = StepCheckpoint(
         val_every_n_steps=t.val_every_n_steps,
-        dirpath=run_dir / F.CKPT_DIR,
-        filename=F.PERIODIC_CKPT,
+        dirpath=run_dir / RF.CKPT_DIR,
+        filename=RF.PERIODIC_CKPT,
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         monitor="step",
@@ -106,9 +106,9 @@ def _wandb_logger(cfg: C.RunConfig, run_dir: Path, info: RunInfo) -> Any:
 
     _configure_wandb_mode()
     flat = C.flat_dict(cfg) | {"grid": info.grid, "scale": info.scale, "row": info.row}
-    run_id_file = run_dir / F.WANDB_ID  # the same W&B run continues after a resume
+    run_id_file = run_dir / RF.WANDB_ID  # the same W&B run continues after a resume
     if not run_id_file.is_file():
-        F.write_atomic(run_id_file, uuid.uuid4().hex[:12])
+        RF.write_atomic(run_id_file, uuid.uuid4().hex[:12])
     run_id = run_id_file.read_text().strip()
     logger = WandbLogger(
         project=cfg.train.wandb_project,
@@ -155,8 +155,8 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
     """Fit with resume, then dev PPL (all ranks) and dev BLEU (rank 0). Returns the summary on rank 0."""
     _seed_and_threads(cfg)
     resume, resume_step = resume_checkpoint(run_dir)  # before any work: a broken folder fails at once
-    ckpt_dir = run_dir / F.CKPT_DIR
-    tokenizer_path = ckpt_dir / F.TOKENIZER
+    ckpt_dir = run_dir / RF.CKPT_DIR
+    tokenizer_path = ckpt_dir / RF.TOKENIZER
     dm = TranslationDataModule(
         cfg.data,
         seed=cfg.train.seed,
@@ -187,7 +187,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
     if not trainer.is_global_zero:
         return None
 
-    bleu = _make_bleu_fn(cfg, dm, limit=None, hyps_path=run_dir / F.HYPS_DEV)(module)
+    bleu = _make_bleu_fn(cfg, dm, limit=None, hyps_path=run_dir / RF.HYPS_DEV)(module)
     wall = module.wall_seconds_before + fit_seconds  # fit_seconds: this attempt only
     summary = {
         "grid": info.grid,
@@ -212,7 +212,7 @@ def fit_and_evaluate(cfg: C.RunConfig, run_dir: Path, info: RunInfo, callbacks: 
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    F.write_atomic(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
+    RF.write_atomic(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
 
 
 def _make_bleu_fn(
@@ -240,7 +240,7 @@ def _make_bleu_fn(
         module.model.train(was_training)
         if hyps_path is not None:  # kept for significance tests (paired bootstrap) by the tables
             _write_lines(hyps_path, hyps)
-            _write_lines(hyps_path.with_name(F.REFS_DEV), refs)
+            _write_lines(hyps_path.with_name(RF.REFS_DEV), refs)
         score, signature = sacre_bleu(hyps, refs)
         return {"bleu": score, "bleu_tok": tokenized_bleu(hyps, refs), "signature": signature}
 

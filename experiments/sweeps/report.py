@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments.grids import grid as G
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.sweeps import storage as sweep_storage
 from experiments.sweeps.runner import counts, sweep_dir
 from experiments.sweeps.space import SweepError, SweepSpec
@@ -89,7 +89,7 @@ def make_report(spec: SweepSpec, study: optuna.Study, sweeps_root: str | Path) -
     if files:
         lines += ["## Plots", "", *[f"- [{p.name}]({p.name})" for p in files], ""]
     report = out / "report.md"
-    F.write_atomic(report, "\n".join(lines))
+    RF.write_atomic(report, "\n".join(lines))
     return Report("\n".join(lines), [report, *files])
 
 
@@ -159,11 +159,11 @@ def _plots(spec: SweepSpec, study: optuna.Study, out: Path) -> list[Path]:
             try:
                 ax = getattr(vmpl, fn)(study, **kwargs)
                 fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                with F.atomic_path(out / f"{stem}.png") as tmp:
+                with RF.atomic_path(out / f"{stem}.png") as tmp:
                     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
                 plt.close(fig)
                 files.append(out / f"{stem}.png")
-                with F.atomic_path(out / f"{stem}.html") as tmp:
+                with RF.atomic_path(out / f"{stem}.html") as tmp:
                     getattr(vis, fn)(study, **kwargs).write_html(tmp, include_plotlyjs="cdn")
                 files.append(out / f"{stem}.html")
             except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as err:
@@ -245,6 +245,6 @@ def export_best(spec: SweepSpec, study: optuna.Study, sweeps_root: str | Path) -
         "rows": {name: {"label": r.label, **r.cells} for name, r in rows.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    F.write_atomic(path, "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=110))
+    RF.write_atomic(path, "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=110))
     G.load_grid(path)  # what we wrote must load
     return path

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import TrialState
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs.prepare import prepare_for
 from experiments.sweeps import storage as sweep_storage
 from experiments.sweeps.space import SweepError, SweepSpec, make_pruner, make_sampler
@@ -527,7 +527,7 @@ def run_sweep(
     sweep_storage.check_storage(storage)
     if workers < 1:  # the command line checks this first; a caller of this function gets the same line
         raise SweepError(f"--workers must be a positive integer, got {workers}")
-    F.check_writable(Path(runs_root))  # an unwritable --runs: one line here, not a failure in every trial
+    RF.check_writable(Path(runs_root))  # an unwritable --runs: one line here, not a failure in every trial
     study = open_study(spec, storage)
     study.set_user_attr(TRIALS_ATTR, spec.budget)
     if counts(study).finished >= spec.budget:  # a rerun with nothing left to do starts nothing

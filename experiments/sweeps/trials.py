@@ -26,7 +26,7 @@ from typing import Any
 
 import optuna
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.runs import run as R
 from experiments.runs.folder import RunInfo
 from experiments.sweeps.space import SweepSpec
@@ -35,7 +35,7 @@ from transformer_lit import config as C
 STANDIN_ENV = "TLIT_SWEEP_STANDIN"
 STANDIN_LOG = "standin.log"
 """A stand-in trial's run folder: one line per attempt (tests count them)."""
-PRUNED = F.PRUNED
+PRUNED = RF.PRUNED
 STUDY_KEY_ATTR = "tlit_study_key"
 """Study user attribute: the random key of the study's trial folders (set by ``runner.open_study``)."""
 
@@ -75,8 +75,8 @@ def prepare_trial(
     origin = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
     if origin is not None:
         old = trial_dir(runs_root, spec, key, int(origin), cfg.train.seed)
-        unusable = (F.RunState.PENDING, F.RunState.CONFLICT, F.RunState.CORRUPT)
-        if F.classify(old, expected=cfg, check_lock=False).state not in unusable:
+        unusable = (RF.RunState.PENDING, RF.RunState.CONFLICT, RF.RunState.CORRUPT)
+        if RF.classify(old, expected=cfg, check_lock=False).state not in unusable:
             run_dir = old
     trial.set_user_attr("run_dir", str(run_dir))
     info = RunInfo(grid=spec.study, scale=spec.scale, row=run_dir.parent.name)
@@ -100,7 +100,7 @@ def train_objective(spec: SweepSpec, trial: optuna.Trial, runs_root: str | Path,
     except BaseException as err:
         close_wandb("failed")
         if isinstance(err, Exception):
-            F.mark_failed(run_dir, f"{type(err).__name__}: {err}")
+            RF.mark_failed(run_dir, f"{type(err).__name__}: {err}")
         raise
     return objective_values(spec, trial, summary)
 
@@ -119,7 +119,7 @@ def write_pruned(
     run_dir: Path, spec: SweepSpec, trial: optuna.Trial, step: int | None, max_steps: int, reported: dict
 ) -> None:
     """The run folder's record of a trial stopped by the pruner (state "pruned", not complete)."""
-    F.write_json_atomic(
+    RF.write_json_atomic(
         run_dir / PRUNED,
         {
             "status": "pruned",
@@ -168,7 +168,7 @@ def standin_objective(
         "status": "complete",
         "stand_in": True,
     }
-    F.write_summary(run_dir, summary)
+    RF.write_summary(run_dir, summary)
     return objective_values(spec, trial, summary)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from experiments.grids.grid import Grid, GridError, load_grid
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.tables import sources, stats
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _std(values: list[float]) -> float:
 
 def _row_config(grid: Grid, scale: str, row: str, records: list[sources.RunRecord]) -> dict[str, Any] | None:
     """The config a row ran with (a complete run's config.yaml first), else the grid's plan for it."""
-    for rec in sorted(records, key=lambda r: r.status != F.RunState.COMPLETE):
+    for rec in sorted(records, key=lambda r: r.status != RF.RunState.COMPLETE):
         if rec.config:
             return rec.config
     if row in grid.rows:
@@ -124,7 +124,7 @@ def _notes(name: str, grid: Grid, recs: list[sources.RunRecord], seeds: list[int
             notes.append(("" if rec.seed is None else f"seed{rec.seed}: ") + "; ".join(rec.notes))
         steps, planned = rec.summary.get("train_steps"), (rec.config or {}).get("train.max_steps")
         stopped_early = isinstance(steps, int) and isinstance(planned, int) and steps < planned
-        if rec.status == F.RunState.COMPLETE and stopped_early:
+        if rec.status == RF.RunState.COMPLETE and stopped_early:
             notes.append(f"seed{rec.seed}: trained {steps} of {planned} steps")
     present = {r.seed for r in recs}
     if any(r.status != sources.MISSING for r in recs):
@@ -153,7 +153,7 @@ def build_table(
     lines = []
     for name in order:
         recs = by_row.get(name, [])
-        done = [r for r in recs if r.status == F.RunState.COMPLETE]
+        done = [r for r in recs if r.status == RF.RunState.COMPLETE]
         cfg = _row_config(grid, scale, name, recs) or {}
         line: dict[str, Any] = {
             "row": name,
@@ -376,7 +376,7 @@ def publish(files: dict[Path, bytes], stale: Sequence[Path] = ()) -> None:
     """Write every file, or none: each goes to a temporary name beside its target (fsynced), and only when
     all are written are they renamed into place; then ``stale`` files (outputs of an earlier call that this
     one no longer makes, e.g. a curves plot without curves) are removed."""
-    F.write_atomic_all(files)
+    RF.write_atomic_all(files)
     for path in stale:
         if path not in files:
             path.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.grids.grid import Grid
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from transformer_lit import config as C
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ METRIC_FIELDS = (
 )
 MISSING = "missing"
 """A grid row with no run at all (no folder, no W&B run)."""
-STATUSES = (*(s.value for s in F.RunState), MISSING)
+STATUSES = (*(s.value for s in RF.RunState), MISSING)
 Curve = list[tuple[int, float]]  # (step, dev PPL)
 
 
@@ -93,7 +93,7 @@ def flat_config(values: dict[str, Any]) -> dict[str, Any]:
 
 def check_metrics(rec: RunRecord, summary: dict[str, Any], where: str | Path) -> None:
     """Notes on a summary's metrics: missing ones, and ones that are not numbers (they read as NaN)."""
-    missing = [k for k in (*F.IDENTITY_FIELDS, *METRIC_FIELDS) if k not in summary]
+    missing = [k for k in (*RF.IDENTITY_FIELDS, *METRIC_FIELDS) if k not in summary]
     if missing:
         rec.note(f"summary lacks {', '.join(missing)}", where)
     for name in METRIC_FIELDS:
@@ -137,23 +137,23 @@ def read_run_folder(run_dir: Path, grid: Grid, scale: str, row: str, seed: int) 
     has the row's own cells (``model.num_layers: 2`` for C1). Other fields may differ (a corpus given on
     the command line applies to the whole grid, not to the row's label)."""
     identity = {"grid": grid.name, "scale": scale, "row": row, "seed": seed}
-    status = F.classify(run_dir, expected=row_cells(grid, row, scale, seed), identity=identity)
+    status = RF.classify(run_dir, expected=row_cells(grid, row, scale, seed), identity=identity)
     rec = RunRecord(row=row, seed=seed, status=status.state.value, path=run_dir)
     if status.where is not None:
         rec.note(status.detail, status.where)
-    elif status.detail and status.state is not F.RunState.COMPLETE:
+    elif status.detail and status.state is not RF.RunState.COMPLETE:
         rec.notes.append(status.detail)
     if status.summary is not None:
-        if status.state is F.RunState.COMPLETE:
+        if status.state is RF.RunState.COMPLETE:
             rec.summary = status.summary
-        check_metrics(rec, status.summary, run_dir / F.SUMMARY)
+        check_metrics(rec, status.summary, run_dir / RF.SUMMARY)
     if status.config is not None:
         rec.config = C.flat_dict(status.config)
-    metrics_path = run_dir / F.METRICS
+    metrics_path = run_dir / RF.METRICS
     if metrics_path.is_file():
         curve, problem = read_curve(metrics_path)
         if problem:
-            rec.note(f"{F.METRICS}: {problem}", metrics_path)
+            rec.note(f"{RF.METRICS}: {problem}", metrics_path)
         rec.curve_loader = lambda: curve
     return rec
 
@@ -217,14 +217,14 @@ def read_lines(path: Path) -> list[str] | None:
 
 
 WANDB_STATES = {
-    "finished": F.RunState.COMPLETE,
-    "running": F.RunState.RUNNING,
-    "pending": F.RunState.PENDING,
-    "crashed": F.RunState.FAILED,
-    "failed": F.RunState.FAILED,
-    "killed": F.RunState.FAILED,
-    "preempted": F.RunState.INTERRUPTED,
-    "preempting": F.RunState.RUNNING,
+    "finished": RF.RunState.COMPLETE,
+    "running": RF.RunState.RUNNING,
+    "pending": RF.RunState.PENDING,
+    "crashed": RF.RunState.FAILED,
+    "failed": RF.RunState.FAILED,
+    "killed": RF.RunState.FAILED,
+    "preempted": RF.RunState.INTERRUPTED,
+    "preempting": RF.RunState.RUNNING,
 }
 
 
@@ -249,7 +249,7 @@ def collect_wandb_runs(grid: Grid, scale: str, path: str) -> list[RunRecord]:
         rec = wandb_record(run, grid.name, scale)
         key = (rec.row, rec.seed)
         if key in chosen:  # a rerun under a new W&B id: a complete run wins, else the first one listed
-            complete = F.RunState.COMPLETE.value
+            complete = RF.RunState.COMPLETE.value
             keep = rec if rec.status == complete and chosen[key].status != complete else chosen[key]
             keep.note("another W&B run of this row and seed was ignored", _wandb_where(run))
             chosen[key] = keep
@@ -271,13 +271,13 @@ def wandb_record(run: Any, grid: str, scale: str) -> RunRecord:
     row = str(raw_config.get("row") or summary.get("row") or run.job_type or "?")
     seed_value = summary.get("seed", raw_config.get("train.seed"))
     seed = None if math.isnan(_as_float(seed_value)) else int(seed_value)
-    state = WANDB_STATES.get(str(run.state).lower(), F.RunState.CORRUPT)
+    state = WANDB_STATES.get(str(run.state).lower(), RF.RunState.CORRUPT)
     rec = RunRecord(row=row, seed=seed, status=state.value, config=config)
-    if state is F.RunState.CORRUPT:
+    if state is RF.RunState.CORRUPT:
         rec.note(f"unknown W&B state {run.state!r}", where)
-    elif state is F.RunState.COMPLETE:
+    elif state is RF.RunState.COMPLETE:
         check_wandb_summary(rec, summary, {"grid": grid, "scale": scale, "row": row, "seed": seed}, where)
-    elif state is F.RunState.FAILED:
+    elif state is RF.RunState.FAILED:
         rec.notes.append(f"W&B state {run.state}")
     rec.curve_loader = lambda: _wandb_curve(run, where)
     return rec
@@ -287,10 +287,10 @@ def check_wandb_summary(
     rec: RunRecord, summary: dict[str, Any], identity: dict[str, Any], where: str
 ) -> None:
     """A finished W&B run's summary: another run's makes it a conflict; bad metrics become notes."""
-    wrong = [k for k in F.IDENTITY_FIELDS if k in summary and summary[k] != identity[k]]
+    wrong = [k for k in RF.IDENTITY_FIELDS if k in summary and summary[k] != identity[k]]
     if wrong:
-        rec.status = F.RunState.CONFLICT.value
-        said = " ".join(f"{k}={summary.get(k)}" for k in F.IDENTITY_FIELDS)
+        rec.status = RF.RunState.CONFLICT.value
+        said = " ".join(f"{k}={summary.get(k)}" for k in RF.IDENTITY_FIELDS)
         rec.note(f"belongs to another run ({said})", where)
         return
     rec.summary = summary

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.runs import folder as F
+from experiments.runs import folder as RF
 from experiments.tables import sources
 from transformer_lit.config import ModelConfig
 from transformer_lit.params import decoder_layer_params, encoder_layer_params
@@ -157,7 +157,7 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
     tested = frame["p_bleu"].dropna()
     if tested.empty:
         lines.append(
-            f"p (BLEU): none (needs {F.HYPS_DEV} and {F.REFS_DEV} in the run folders of a row and base)"
+            f"p (BLEU): none (needs {RF.HYPS_DEV} and {RF.REFS_DEV} in the run folders of a row and base)"
         )
     else:
         lines.append(
@@ -166,7 +166,7 @@ def summary_lines(frame: pd.DataFrame, records: list[sources.RunRecord], seeds: 
             f"p < 0.05 in {(tested < 0.05).sum()} of {len(tested)} rows"
         )
     done = [
-        r for r in records if r.status == F.RunState.COMPLETE and not math.isnan(r.metric("wall_seconds"))
+        r for r in records if r.status == RF.RunState.COMPLETE and not math.isnan(r.metric("wall_seconds"))
     ]
     hours = sum(r.metric("wall_seconds") * device_count(r.summary, r.config or {}) / 3600 for r in done)
     lines.append(f"cost: {FLOPS_FORMULA}; all complete runs: {hours:.3g} device-hours")
@@ -193,7 +193,7 @@ def bleu_significance(
     part of a table (~0.1 s per row for 500 sentences).
     """
     bases = {
-        r.seed: r for r in by_row.get(base_row, []) if r.status == F.RunState.COMPLETE and r.path is not None
+        r.seed: r for r in by_row.get(base_row, []) if r.status == RF.RunState.COMPLETE and r.path is not None
     }
     lines: dict[Any, list[str] | None] = {}
 
@@ -207,12 +207,12 @@ def bleu_significance(
     out: dict[str, tuple[float, str]] = {}
     for row, recs in by_row.items():
         usable = [
-            r for r in recs if r.status == F.RunState.COMPLETE and r.path is not None and r.seed in bases
+            r for r in recs if r.status == RF.RunState.COMPLETE and r.path is not None and r.seed in bases
         ]
         for rec in sorted(usable, key=lambda r: r.seed) if row != base_row else []:
             base = bases[rec.seed]
-            hyps, refs = read(rec, F.HYPS_DEV), read(rec, F.REFS_DEV)
-            base_hyps, base_refs = read(base, F.HYPS_DEV), read(base, F.REFS_DEV)
+            hyps, refs = read(rec, RF.HYPS_DEV), read(rec, RF.REFS_DEV)
+            base_hyps, base_refs = read(base, RF.HYPS_DEV), read(base, RF.REFS_DEV)
             if not all((hyps, refs, base_hyps, base_refs)):
                 continue
             if refs != base_refs:
@@ -225,7 +225,7 @@ def bleu_significance(
     known = _read_cache(cache)
     fresh: dict[str, float] = {}
     for k, systems in jobs.items():
-        base_hyps, refs = read(bases[k], F.HYPS_DEV), read(bases[k], F.REFS_DEV)
+        base_hyps, refs = read(bases[k], RF.HYPS_DEV), read(bases[k], RF.REFS_DEV)
         keys = {row: _cache_key(base_hyps, hyps, refs, n, seed) for row, hyps in systems.items()}
         todo = {row: hyps for row, hyps in systems.items() if keys[row] not in known}
         computed = paired_bootstrap_many(base_hyps, todo, refs, n=n, seed=seed) if todo else {}
@@ -259,7 +259,7 @@ def _read_cache(path: Path | None) -> dict[str, float]:
 def _write_cache(path: Path, values: dict[str, float]) -> None:
     """Atomically; a read-only runs folder just means no cache."""
     try:
-        F.write_atomic(path, json.dumps(values, indent=0, sort_keys=True) + "\n")
+        RF.write_atomic(path, json.dumps(values, indent=0, sort_keys=True) + "\n")
     except OSError as err:
         log.debug("no significance cache at %s: %s", path, err)
 
