@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from experiments.cli import main as tlit
 from experiments.runs import folder as RF
@@ -96,6 +97,41 @@ def test_a_failed_resume_keeps_metrics_csv(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint is readable" in err
     assert (out / RF.METRICS).read_bytes() == metrics
+
+
+class _DieAfterSave(Checkpoint):
+    """A kill at the worst moment: right after the checkpoint of step ``at`` is saved, before Lightning logs
+    that step's training row (it logs after every callback's ``on_train_batch_end``; checkpoint callbacks run
+    last, this one after ``StepCheckpoint``)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise _Killed
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_kill_between_a_checkpoint_and_its_row_loses_no_row(tmp_path):
+    """The training row of step 29 is due in the same optimizer step that saves step=0000030.ckpt (not a
+    validation step). A kill between the two must not lose the row: the resumed run starts after it."""
+    cfg = C.apply_overrides(C.base(), micro_args(tmp_path, steps=40))  # validates at step 40 only
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    R.train(cfg, straight)
+    with pytest.raises(_Killed):
+        R.train(cfg, killed, callbacks=[_DieAfterSave(at=30)])
+    assert resume_checkpoint(killed)[1] == 30
+    R.train(cfg, killed)
+    assert 29 in [step for step, _, _ in metric_rows(straight)]
+    assert metric_rows(killed) == metric_rows(straight)
+    # the row written ahead is the row Lightning logs: a run that never checkpoints mid-way has the same file
+    unsaved = tmp_path / "unsaved"
+    R.train(C.apply_overrides(cfg, ["train.checkpoint_every_n_steps=1000"]), unsaved)
+    assert (unsaved / RF.METRICS).read_text() == (straight / RF.METRICS).read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
   A full disk makes the save fail (and the attempt with it, to be retried); the old checkpoint stays.
 - ``resume_checkpoint`` picks what to resume from: ``last.ckpt`` if it loads, else the newest periodic
   checkpoint that loads (with a warning naming both), else one line saying what to delete.
-- ``StepCheckpoint`` takes a periodic checkpoint after that step's validation, not before it, so a resumed
-  run never skips a validation that the killed attempt did not log.
+- ``StepCheckpoint`` takes a periodic checkpoint after that step's validation and training row, not before
+  them, so a resumed run never skips a row that the killed attempt did not log.
 - ``ResumableCSVLogger`` keeps ``metrics.csv`` across resumes (Lightning's CSV logger deletes it): the
   rows logged before the checkpoint's step stay, the rows the killed attempt logged after it are dropped
   (they are logged again), and every row reaches the disk as it is logged.
@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from experiments.runs import folder as RF
 
@@ -106,7 +108,8 @@ class StepCheckpoint(ModelCheckpoint):
     kill between the two leaves a checkpoint whose validation row was never logged, and the resumed run
     starts after that step: the row would be missing from ``metrics.csv`` for good. So on a step that also
     validates, the save waits for ``on_validation_end`` (and for the end of training, should no validation
-    come).
+    come). Lightning also logs a step's training row after every callback's ``on_train_batch_end``, so after
+    a save there; the save first hands that row to ``ResumableCSVLogger`` (``_write_training_row_first``).
     """
 
     def __init__(self, *, val_every_n_steps: int, **kwargs: Any) -> None:
@@ -120,6 +123,8 @@ class StepCheckpoint(ModelCheckpoint):
         if due and step % self._val_every == 0 and step != self._last_global_step_saved:
             self._after_validation = True  # micro-batches of the next step see the same global_step
             return
+        if due and step != self._last_global_step_saved and not self._should_skip_saving_checkpoint(trainer):
+            _write_training_row_first(trainer)
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -137,6 +142,22 @@ class StepCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+
+def _write_training_row_first(trainer: Any) -> None:
+    """The training row Lightning will log after this hook (``update_train_step_metrics``), written now to
+    ``metrics.csv``: the checkpoint about to be saved resumes after it, so a kill in between would lose it."""
+    connector = trainer._logger_connector
+    if not trainer.is_global_zero or not connector.should_update_logs:
+        return
+    row = convert_tensors_to_scalars(connector.metrics["log"])
+    if not row:
+        return
+    row.setdefault("epoch", trainer.current_epoch)  # as Lightning's own log_metrics adds it
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning will log it under
+    for logger in trainer.loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.log_ahead(row, step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,6 +229,21 @@ class ResumableCSVLogger(CSVLogger):
     def __init__(self, run_dir: Path, resume_step: int) -> None:
         super().__init__(save_dir=run_dir, name="", version="", flush_logs_every_n_steps=1)
         self._resume_step = resume_step
+        self._written_ahead: int | None = None  # the step of a row written before Lightning logs it
+
+    @rank_zero_only
+    def log_ahead(self, metrics: dict[str, float], step: int) -> None:
+        """Writes a row before Lightning logs it (``StepCheckpoint``); Lightning's copy is then dropped."""
+        super().log_metrics(metrics, step)
+        self.save()
+        self._written_ahead = step
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if step is not None and step == self._written_ahead:
+            self._written_ahead = None
+            return  # Lightning's copy of the row written ahead
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment
