@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   venv + install, the tiny Table 3 on all cores, then its table (results/)
+#   make demo   venv + install, the tiny Table 3 on all cores, then its one-seed table (results/demo/)
 #   make test   venv + install, the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -27,7 +27,7 @@ test: install
 
 demo: install
 	$(BIN)/tlit grid run ablations/table3.yaml --scale tiny --devices cpu:all
-	$(BIN)/tlit table table3 --scale tiny
+	$(BIN)/tlit table table3 --scale tiny --out results/demo
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -138,6 +138,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("name: g\nrows:\n  r1: {}\n  r1: {model.d_k: 3}\n", "name 'r1' used twice (line 4)"),
         ("name: g\nrowz: {}\n", "unknown top-level key 'rowz'"),
         ("name: g\nrows: {r1: {model.d_k: 20}}\n", "model.d_k=20 is not divisible by the scale's divide=8"),
+        (
+            "name: g\nscales: {s: {notes: 3}}\nrows: {r1: {}}\n",
+            "scale s: notes must be a list of strings, got 3",
+        ),
     ],
 )
 def test_malformed_grid_fails_with_one_line(tmp_path, body, message):

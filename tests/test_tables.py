@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 
 from experiments.cli import main
 from experiments.grids.grid import load_grid
@@ -164,6 +165,21 @@ def test_summary_lines_of_fixture(runs: Path) -> None:
     )
     assert any(s.startswith("Spearman correlation of dev PPL with the paper's over 7 rows") for s in lines)
     assert any("p < 0.05 in 1 of 3 rows" in s for s in lines)
+
+
+def test_scale_notes_close_the_table(runs: Path, tmp_path: Path) -> None:
+    """A scale's ``notes`` (what its regime can and cannot show) are the table's last lines."""
+    grids = Path(shutil.copytree(Path(GRID).parent, tmp_path / "grids"))
+    scales = grids / "scales.yaml"
+    notes = ["tiny regime: what it shows.", "What it cannot show."]
+    raw = yaml.safe_load(scales.read_text())
+    raw["tiny"]["notes"] = notes
+    scales.write_text(yaml.safe_dump(raw))
+    grid = load_grid(grids / "table3.yaml")
+    table = tables.build_table(grid, "tiny", sources.collect_folder_runs(grid, "tiny", runs))
+    assert table.lines[-2:] == notes
+    markdown = tables.render_markdown(table)
+    assert markdown.count("\n- tiny regime: what it shows.\n- What it cannot show.\n") == 1
 
 
 def test_training_flops_and_devices_by_hand() -> None:

@@ -26,7 +26,7 @@ from experiments.grids.scale import Scale, ScaleError
 from transformer_lit import config as C
 
 ROW_KEYS = ("label",)
-SCALE_KEYS = ("description", "divide", "steps", "set")
+SCALE_KEYS = ("description", "notes", "divide", "steps", "set")
 GRID_KEYS = ("name", "description", "scales", "rows", "default_scale")
 DEFAULT_GRID = "table3"
 
@@ -189,6 +189,9 @@ def _load_scales(path: Path, raw: Any) -> dict[str, Scale]:
         for key in settings:
             if key not in known:
                 raise GridError(f"{path}: scale {name}: unknown config field {key!r}")
+        notes = values.get("notes") or []
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise GridError(f"{path}: scale {name}: notes must be a list of strings, got {notes!r}")
         try:
             scales[str(name)] = Scale(
                 name=str(name),
@@ -196,6 +199,7 @@ def _load_scales(path: Path, raw: Any) -> dict[str, Scale]:
                 steps=values.get("steps", 1.0),
                 set=settings,
                 description=str(values.get("description", "")),
+                notes=tuple(notes),
             )
         except ScaleError as err:
             raise GridError(f"{path}: scale {name}: {err}") from None

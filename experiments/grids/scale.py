@@ -44,6 +44,8 @@ class Scale:
     steps: float = 1.0
     set: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    notes: tuple[str, ...] = ()
+    """What results at this scale can and cannot show; printed under its tables."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.divide) or self.divide < 1:

@@ -183,7 +183,8 @@ def build_table(
     frame = pd.DataFrame(lines)
     frame = stats.add_agreement(frame, BASE_ROW)
     cols = [c for c in COLUMNS if c in frame.columns]
-    return Table(grid.name, scale, frame[cols], stats.summary_lines(frame, records, seeds), records)
+    footer = [*stats.summary_lines(frame, records, seeds), *grid.scale(scale).notes]
+    return Table(grid.name, scale, frame[cols], footer, records)
 
 
 # ----------------------------------------------------------------------------------------------------------
