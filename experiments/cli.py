@@ -721,6 +721,8 @@ def _configure_logging(verbose: bool) -> None:
             ".*Experiment logs directory .* exists and is not empty.*",
             ".*Checkpoint directory .* exists and is not empty.*",
             ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+            # our SLURM tasks start DDP without srun on purpose (experiments/launchers/slurm.py)
+            ".*The `srun` command is available on your system but is not used.*",
         ):
             warnings.filterwarnings("ignore", message=pattern)
 

@@ -180,9 +180,14 @@ def test_sigkill_and_rerun_continues_to_the_same_result(tmp_path):
     uninterrupted run ends (same dev loss)."""
     args = micro_args(tmp_path, steps=40)
     straight = tmp_path / "straight"
-    proc = cli(["--out", str(straight), *args])
+    bin_dir = tmp_path / "bin"  # an `srun` on PATH, as on every SLURM node
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    proc = cli(["--out", str(straight), *args], env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert "srun" not in out  # Lightning's hint is muted: our SLURM tasks start DDP without srun on purpose
 
     killed = tmp_path / "killed"
     proc = cli(["--out", str(killed), *args])
