@@ -304,6 +304,16 @@ def test_eta_uses_costs_slots_and_observed_speed(tmp_path):
     assert gridrun.eta_seconds(jobs, p) == pytest.approx(175.0)  # (160 + 90 + 100) / 2
 
 
+def test_eta_counts_every_seat_a_multi_gpu_job_holds(tmp_path):
+    """2 GPUs x 4 jobs each = 8 seats; a 2-GPU job holds all 8 while it runs, a 1-GPU job one."""
+    jobs = {"ddp": B.Job("ddp", [], tmp_path, cost=100, slots=2), "one": B.Job("one", [], tmp_path, cost=80)}
+    pending = {"ddp": B.JobState.PENDING, "one": B.JobState.PENDING}
+    p = B.Progress(pending, {}, 8, 8, 1.0, {}, seats_per_device=4)
+    assert gridrun.eta_seconds(jobs, p) == pytest.approx(110.0)  # (100 x 8 + 80) / 8 seats
+    p.seats_per_device = 1
+    assert gridrun.eta_seconds(jobs, p) == pytest.approx(100.0)  # longest job: (100 x 2 + 80) / 8 < 100
+
+
 def test_display_plain_and_live(tmp_path):
     jobs = [B.Job(n, [], tmp_path, cost=10) for n in ("x", "y")]
     out = io.StringIO()

@@ -414,14 +414,14 @@ def run_grid(
 
 
 def eta_seconds(jobs: dict[str, B.Job], p: B.Progress) -> float:
-    """Time left: the remaining estimated work (scaled by the observed speed) spread over the slots, but no
-    less than the longest job still to finish."""
+    """Time left: the remaining estimated work (scaled by the observed speed) spread over the seats (a k-GPU
+    job holds all seats of its k GPUs), but no less than the longest job still to finish."""
     left = [p.speed * jobs[n].cost for n, s in p.states.items() if s == B.JobState.PENDING]
     left += [max(0.0, p.speed * jobs[n].cost - el) for n, el in p.running.items()]
     slot_work = sum(
-        p.speed * jobs[n].cost * jobs[n].slots for n, s in p.states.items() if s == B.JobState.PENDING
+        p.speed * jobs[n].cost * p.seats(jobs[n]) for n, s in p.states.items() if s == B.JobState.PENDING
     )
-    slot_work += sum(max(0.0, p.speed * jobs[n].cost - el) * jobs[n].slots for n, el in p.running.items())
+    slot_work += sum(max(0.0, p.speed * jobs[n].cost - el) * p.seats(jobs[n]) for n, el in p.running.items())
     return max([slot_work / max(1, p.slots_total), *left, 0.0])
 
 

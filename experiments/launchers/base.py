@@ -119,6 +119,13 @@ class Progress:
     speed: float
     """Observed seconds per estimated second (1.0 until a job has finished here)."""
     results: dict[str, JobResult]
+    seats_per_device: int = 1
+    """Jobs packed onto one device (``--jobs-per-device``): a k-device job holds k whole devices, so k times
+    this many seats of ``slots_total``."""
+
+    def seats(self, job: Job) -> int:
+        """Seats ``job`` holds while it runs: one for a one-device job, all seats of its devices otherwise."""
+        return 1 if job.slots == 1 else job.slots * self.seats_per_device
 
 
 OnUpdate = Callable[[Progress], None]

@@ -384,7 +384,9 @@ class LocalLauncher(B.Launcher):
         states |= {name: r.state for name, r in self._results.items()}
         running = {name: now - r.started for name, r in self._running.items()}
         free = sum(self._seats.values())
-        return B.Progress(states, running, free, len(self.slots), self.speed, dict(self._results))
+        return B.Progress(
+            states, running, free, len(self.slots), self.speed, dict(self._results), self.slots.per_device
+        )
 
     def _finish(self, w: _Waiting, state: B.JobState, message: str = "") -> None:
         self._results[w.job.name] = B.JobResult(
