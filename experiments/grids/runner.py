@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,12 +51,9 @@ def make_launcher(
         slots = parse_devices(devices, jobs_per_device)
         return LocalLauncher(slots, retries=retries, lock_timeout=lock_timeout)
     if name == "slurm":
-        from dataclasses import replace
-
         from experiments.launchers.slurm import SlurmLauncher, SlurmOptions
 
         slurm = replace(slurm or SlurmOptions(), jobs_per_device=jobs_per_device)
-
         return SlurmLauncher(slurm, retries=retries, lock_timeout=lock_timeout, name=job_name)
     raise ValueError(f"--launcher must be local or slurm, got {name!r}")
 

@@ -321,13 +321,17 @@ class TrainTask(_SlurmTask):
             with self._sigterm_stops():
                 return self._attempts(job)
         except UncompletedJobError as err:  # submitit's USR2 handler, past --max-requeues time limits
-            message = f"timed out more than --max-requeues {self.max_requeues} times ({err})"
-            B.append_log(job, f"not requeued: {message}")
-            RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
-            return self._result(B.JobState.FAILED, message)
+            return self.timed_out(job, err)
         finally:
             lock.release()
             self._lock = None
+
+    def timed_out(self, job: B.Job, err: Exception) -> dict[str, Any]:
+        """Past ``--max-requeues`` time limits (submitit refused to requeue): the run is marked failed."""
+        message = f"timed out more than --max-requeues {self.max_requeues} times ({err})"
+        B.append_log(job, f"not requeued: {message}")
+        RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
+        return self._result(B.JobState.FAILED, message)
 
     def _result(self, state: B.JobState, message: str = "") -> dict[str, Any]:
         seconds = self._before + time.time() - self._start
@@ -435,9 +439,7 @@ class PackedTask:
         except UncompletedJobError as err:  # past --max-requeues time limits
             for job in jobs:
                 if job.name not in results:
-                    message = f"timed out more than --max-requeues {self.template.max_requeues} times ({err})"
-                    RF.mark_failed(job.run_dir, message, B.log_tail(job.log_path))
-                    results[job.name] = self.tasks[job.name]._result(B.JobState.FAILED, message)
+                    results[job.name] = self.tasks[job.name].timed_out(job, err)
         finally:
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signal.SIGTERM, old)

@@ -120,11 +120,12 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
         due = self._every_n_train_steps > 0 and step % self._every_n_train_steps == 0
-        if due and step % self._val_every == 0 and step != self._last_global_step_saved:
-            self._after_validation = True  # micro-batches of the next step see the same global_step
-            return
-        if due and step != self._last_global_step_saved and not self._should_skip_saving_checkpoint(trainer):
-            _write_training_row_first(trainer)
+        if due and step != self._last_global_step_saved:
+            if step % self._val_every == 0:
+                self._after_validation = True  # micro-batches of the next step see the same global_step
+                return
+            if not self._should_skip_saving_checkpoint(trainer):
+                _write_training_row_first(trainer)
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
