@@ -44,21 +44,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from transformer_lit.buckets import plan_for
+from transformer_lit.buckets import BatchPlan, lens_as_fed, plan_for
 
 log = logging.getLogger(__name__)
-
-
-def balance_batches(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
-    """Split the largest batches in two until the number of batches is a multiple of ``world_size``."""
-    batches = list(batches)
-    while len(batches) % world_size:
-        k = max(range(len(batches)), key=lambda i: len(batches[i]))
-        if len(batches[k]) < 2:
-            break
-        half = len(batches[k]) // 2
-        batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
-    return batches
 
 
 class TokenBucketBatchSampler(Sampler[list[int]]):
@@ -84,10 +72,12 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        plan: list[np.ndarray] | None = None,
+        plan: BatchPlan | None = None,
     ) -> None:
-        self.src_lens = np.asarray(src_lens, dtype=np.int64)
-        self.tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+        # Lengths only order the pairs (sort keys), so they keep the dtype they come in: no int64 copies
+        # of a WMT-sized split in every run.
+        self.src_lens = np.asarray(src_lens)
+        self.tgt_lens = np.asarray(tgt_lens)
         if self.src_lens.shape != self.tgt_lens.shape or self.src_lens.ndim != 1:
             raise ValueError(
                 f"src_lens and tgt_lens must be 1-d and equal in length, got {self.src_lens.shape}"
@@ -110,8 +100,8 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         # Batches are planned once on the length-sorted order; an epoch only permutes pairs of identical
         # (source, target) lengths, so every position keeps its lengths and every batch stays valid.
         self._keys = (self.tgt_lens, self.src_lens)  # lexsort: last key is primary
-        batches = plan_for(self.src_lens, self.tgt_lens, max_tokens) if plan is None else plan
-        self._plan = balance_batches(batches, world_size)  # positions into the epoch's sorted order
+        plan = plan_for(self.src_lens, self.tgt_lens, max_tokens) if plan is None else plan
+        self._plan = plan.balanced(world_size)  # positions into the epoch's sorted order
         self._num_local = -(-len(self._plan) // world_size)  # ceil: repeats fill the rest if unbalanced
         if len(self._plan) % world_size:
             log.warning(
@@ -130,19 +120,20 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
         self._resume = (int(epoch), int(batches_done))
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """All ranks' batches of ``epoch``, in the order they are dealt out (rank r takes r, r + W, ...)."""
+    def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """All ranks' batches of ``epoch``: (order, batch ids). Batch ``j`` of the epoch, dealt out in turn
+        (rank r takes r, r + W, ...), is ``order[plan[batch_ids[j]]]``, where ``order`` is the epoch's
+        length-sorted order of the pairs."""
         n = len(self.src_lens)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             order = np.lexsort((rng.random(n), *self._keys))
+            batch_ids = rng.permutation(len(self._plan))
         else:
             order = np.lexsort((np.arange(n), *self._keys))
-        batches = [order[p] for p in self._plan]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        missing = self._num_local * self.world_size - len(batches)
-        return batches + batches[:missing]
+            batch_ids = np.arange(len(self._plan))
+        missing = self._num_local * self.world_size - len(batch_ids)
+        return order, np.concatenate([batch_ids, batch_ids[:missing]])
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.epoch
@@ -153,9 +144,9 @@ class TokenBucketBatchSampler(Sampler[list[int]]):
                 log.info("resuming epoch %d at batch %d of %d", epoch, start, self._num_local)
             self._resume = None
         self.iter_epoch, self.iter_start = epoch, start
-        mine = self.epoch_batches(epoch)[self.rank :: self.world_size]
-        for batch in mine[start:]:
-            yield batch.tolist()
+        order, batch_ids = self.epoch_batches(epoch)
+        for b in batch_ids[self.rank :: self.world_size][start:]:
+            yield order[self._plan[b]].tolist()
 
     def __len__(self) -> int:
         """Batches of this rank per epoch (the full epoch, also when a resumed iteration skips some)."""
@@ -236,21 +227,19 @@ class EncodedPairs(Dataset):
         self.src_ids, self.src_offsets = np.asarray(src_ids), np.asarray(src_offsets, dtype=np.int64)
         self.tgt_ids, self.tgt_offsets = np.asarray(tgt_ids), np.asarray(tgt_offsets, dtype=np.int64)
         n = len(self.src_offsets) - 1
-        self.index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+        self.index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index)  # stored dtype
         self._counts = (src_counts, tgt_counts)  # ids per pair, when stored (prepared data): no diff needed
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     @property
     def src_lens(self) -> np.ndarray:
         """Source lengths as fed to the model: ids + EOS."""
-        counts = self._counts[0]
-        return (np.diff(self.src_offsets) if counts is None else counts.astype(np.int64)) + 1
+        return lens_as_fed(self.src_offsets, self._counts[0])
 
     @property
     def tgt_lens(self) -> np.ndarray:
         """Decoder lengths: BOS + ids (= ids + EOS)."""
-        counts = self._counts[1]
-        return (np.diff(self.tgt_offsets) if counts is None else counts.astype(np.int64)) + 1
+        return lens_as_fed(self.tgt_offsets, self._counts[1])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -273,7 +262,7 @@ class EncodedPairs(Dataset):
             "src": torch.from_numpy(src),
             "tgt_in": torch.from_numpy(tgt_in),
             "tgt_out": torch.from_numpy(tgt),
-            "index": torch.from_numpy(self.index[rows_arr]),
+            "index": torch.from_numpy(self.index[rows_arr].astype(np.int64)),
         }
 
     def select(self, keep: np.ndarray) -> EncodedPairs:

@@ -32,6 +32,7 @@ from transformer_lit.batching import (
     TokenBucketBatchSampler,
     identity_collate,
 )
+from transformer_lit.buckets import BatchPlan
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import Corpus, load_corpus
 from transformer_lit.preparation import encode_flat, ensure_plan, ensure_prepared, load_plan
@@ -125,7 +126,7 @@ class TranslationDataModule(L.LightningDataModule):
         self._started: float | None = None
         self._eval_pairs: dict[str, list[tuple[str, str]]] = {}
         self._train_lens: tuple[np.ndarray, np.ndarray] | None = None
-        self._train_plan: list[np.ndarray] | None = None
+        self._train_plan: BatchPlan | None = None
         self.train_data: EncodedPairs | None = None
         self.dev_data: EncodedPairs | None = None
         self.test_data: EncodedPairs | None = None

@@ -39,7 +39,7 @@ import numpy as np
 
 from transformer_lit import prepared as P
 from transformer_lit.atomic import atomic_path
-from transformer_lit.buckets import PLAN_VERSION, plan_for
+from transformer_lit.buckets import PLAN_VERSION, BatchPlan, lens_as_fed, plan_for
 from transformer_lit.config import DataConfig
 from transformer_lit.corpora import Corpus, corpus_key, load_corpus
 from transformer_lit.tokenizer import Tokenizer, cache_path, content_key, load_or_train_tokenizer
@@ -340,7 +340,7 @@ def ensure_plan(folder: str | Path, max_tokens: int) -> Path:
     return path
 
 
-def load_plan(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
+def load_plan(data: P.PreparedData, max_tokens: int) -> BatchPlan:
     """The training batch plan (``buckets.plan_for`` of the stored lengths), read from its file if that is
     whole and holds every training pair exactly once; computed (and saved) otherwise."""
     path = data.folder / P.plan_file(max_tokens, PLAN_VERSION)
@@ -350,7 +350,7 @@ def load_plan(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
             positions, starts = stored["positions"], stored["starts"]
         whole = len(starts) and starts[0] == 0 and starts[-1] == n and np.all(np.diff(starts) > 0)
         if whole and np.array_equal(np.bincount(positions, minlength=n), np.ones(n, dtype=np.int64)):
-            return np.split(positions.astype(np.int64), starts[1:-1]) if n else []
+            return BatchPlan(positions, starts.astype(np.int64))  # positions stay in their stored dtype
         log.warning("%s does not match %s; planning the batches again", path, P.INDEX)
     except FileNotFoundError:
         pass
@@ -359,19 +359,17 @@ def load_plan(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
     return _plan_and_save(data, max_tokens)
 
 
-def _plan_and_save(data: P.PreparedData, max_tokens: int) -> list[np.ndarray]:
-    src_lens = data.side("train", "src")[2].astype(np.int64) + 1  # as fed: ids + EOS / BOS + ids
-    tgt_lens = data.side("train", "tgt")[2].astype(np.int64) + 1
+def _plan_and_save(data: P.PreparedData, max_tokens: int) -> BatchPlan:
+    src_offsets, src_counts = data.side("train", "src")[1:]
+    tgt_offsets, tgt_counts = data.side("train", "tgt")[1:]
+    src_lens, tgt_lens = lens_as_fed(src_offsets, src_counts), lens_as_fed(tgt_offsets, tgt_counts)
     started = time.perf_counter()
     plan = plan_for(src_lens, tgt_lens, max_tokens)
     n = len(src_lens)
-    positions = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
-    starts = np.zeros(len(plan) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in plan], out=starts[1:])
     path = data.folder / P.plan_file(max_tokens, PLAN_VERSION)
     try:  # a reader sees the whole plan or none; racing writers write the same plan
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, positions=positions.astype(P.smallest_uint(max(n - 1, 0))), starts=starts)
+            np.savez(f, positions=plan.positions.astype(P.smallest_uint(max(n - 1, 0))), starts=plan.starts)
     except OSError as err:  # a read-only cache: runs plan for themselves
         log.warning("cannot store the batch plan in %s (%s); every run plans it again", data.folder, err)
     log.info("planned %d training batches of max_tokens=%d in %.1f s", len(plan), max_tokens,
