@@ -153,11 +153,35 @@ def test_malformed_grid_fails_with_one_line(tmp_path, body, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_scale_builds_on_another_through_a_yaml_merge_key(tmp_path):
+    """The shipped tiny-converged scale is tiny's settings plus a finite training set and 3x the steps; a key
+    set next to the merge overrides the merged one, and a key written twice by hand is still refused."""
+    grid = G.load_grid("table3")
+    tiny, converged = grid.config("base", "tiny"), grid.config("base", "tiny-converged")
+    assert converged.data.synthetic_pairs == 3000 and tiny.data.synthetic_pairs == 30000
+    assert converged.train.max_steps == 3 * tiny.train.max_steps
+    assert grid.config("big", "tiny-converged").train.max_steps == 3 * converged.train.max_steps
+    assert C.apply_overrides(converged, {"data.synthetic_pairs": 30000, "train.max_steps": 700}) == tiny
+
+    body = """
+name: g
+scales:
+  a: {divide: 2, set: &a {data.vocab_size: 500, optim.warmup_steps: 10}}
+  b: {divide: 2, set: {<<: *a, optim.warmup_steps: 20}}
+rows: {r1: {}}
+"""
+    merged = G.load_grid(_write(tmp_path, body)).config("r1", "b")
+    assert (merged.data.vocab_size, merged.optim.warmup_steps) == (500, 20)
+    twice = body.replace("optim.warmup_steps: 20}", "optim.warmup_steps: 20, optim.warmup_steps: 30}")
+    with pytest.raises(G.GridError, match="name 'optim.warmup_steps' used twice"):
+        G.load_grid(_write(tmp_path, twice))
+
+
 def test_unknown_grid_row_scale():
     with pytest.raises(G.GridError, match="grids in .*table3"):
         G.load_grid("tabel3")
     grid = G.load_grid("table3")
     with pytest.raises(G.GridError, match="unknown row 'Z9'; rows are: base, A1"):
         grid.row("Z9")
-    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny"):
+    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny, tiny-converged"):
         grid.scale("huge")

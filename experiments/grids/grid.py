@@ -127,11 +127,16 @@ def load_grid(name_or_path: str | Path) -> Grid:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key used twice in one mapping (plain YAML keeps the last silently)."""
+    """SafeLoader that refuses a key used twice in one mapping (plain YAML keeps the last silently).
+
+    YAML merge keys (``<<: *anchor``) still work, so one scale can build on another's settings; a key set
+    explicitly next to a merge overrides the merged value, as YAML specifies."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise GridError(f"name {key!r} used twice (line {key_node.start_mark.line + 1})")
