@@ -183,5 +183,5 @@ def test_unknown_grid_row_scale():
     grid = G.load_grid("table3")
     with pytest.raises(G.GridError, match="unknown row 'Z9'; rows are: base, A1"):
         grid.row("Z9")
-    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny, tiny-converged"):
+    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny, tiny-conv"):
         grid.scale("huge")
