@@ -339,7 +339,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace a table that holds more complete runs than the new one (refused otherwise)",
+        help="replace a table that holds complete runs the new one lacks (refused otherwise)",
     )
     p.set_defaults(func=cmd_table)
 

@@ -1,5 +1,6 @@
-"""``tlit table`` writing its outputs: it never replaces a table with fewer complete runs unless ``--force``
-(issue 12, must-fix 4: an empty ``--runs`` replaced the committed table with "missing" rows and exited 0),
+"""``tlit table`` writing its outputs: it never replaces a table that holds complete runs the new one lacks
+unless ``--force`` (issue 12, must-fix 4: an empty ``--runs`` replaced the committed table with "missing"
+rows and exited 0; later a held-out seed set, as many runs, replaced the shipped 3-seed table),
 every output of one call is written or none, and an unwritable ``--out`` is one line naming the path.
 
 The fixture runs (tests/fixtures/runs, see test_tables.py) hold 10 complete runs.
@@ -37,7 +38,7 @@ def table(runs: Path, out: Path, *extra: str) -> int:
     return main(["table", GRID, "--runs", str(runs), "--out", str(out), *extra])
 
 
-def test_fewer_complete_runs_need_force(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_losing_complete_runs_needs_force(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "results"
     assert table(runs, out) == 0
     before = snapshot(out)
@@ -49,8 +50,8 @@ def test_fewer_complete_runs_need_force(runs: Path, tmp_path: Path, capsys: pyte
     assert table(empty, out) == 2  # the probe: an empty --runs
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"tlit table: error: {out / (STEM + '.csv')} holds 10 complete runs, the new table only 0 "
-        f"(from {empty}); pass --force to replace it"
+        f"tlit table: error: {out / (STEM + '.csv')} holds 10 complete runs that the new table "
+        f"(from {empty}) lacks, e.g. A1 seed 0; pass --force to replace it"
     )
     assert snapshot(out) == before  # nothing replaced, plots included
 
@@ -58,8 +59,18 @@ def test_fewer_complete_runs_need_force(runs: Path, tmp_path: Path, capsys: pyte
     shutil.copytree(runs, fewer)
     shutil.rmtree(fewer / "table3" / "tiny" / "A1")  # a different --runs: 8 of the 10
     assert table(fewer, out) == 2
-    assert "holds 10 complete runs, the new table only 8" in capsys.readouterr().err
+    assert "holds 2 complete runs that the new table (from" in capsys.readouterr().err
     assert snapshot(out) == before
+
+    other = tmp_path / "other"  # as many runs, but other ones: A1's two seeds, not base's
+    assert table(fewer, other) == 0
+    others = tmp_path / "others"
+    shutil.copytree(runs, others)
+    shutil.rmtree(others / "table3" / "tiny" / "base")
+    capsys.readouterr()
+    assert table(others, other) == 2  # the old guard counted runs only, and let this through
+    err = capsys.readouterr().err
+    assert f"holds 2 complete runs that the new table (from {others}) lacks, e.g. base seed 0;" in err
 
     assert table(empty, out, "--force") == 0
     after = snapshot(out)

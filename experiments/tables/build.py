@@ -53,7 +53,8 @@ STATS = ("ppl_dev", "bleu_dev", "bleu_dev_tok")  # mean and std over seeds
 PAPER = {"paper_ppl": "ppl_dev", "paper_bleu": "bleu_dev", "paper_params_m": "params_m"}  # ours <- the csv's
 AGREEMENT = ("d_ppl", "paper_d_ppl", "ppl_same_way", "d_bleu_tok", "paper_d_bleu", "bleu_same_way")
 COLUMNS = ["row", "label", "group", *CELLS, "params_m", *(f"{m}{s}" for m in STATS for s in ("", "_std"))]
-COLUMNS += ["seeds", *PAPER, *AGREEMENT, "p_bleu", "train_flops", "device_hours", "status", "notes"]
+COLUMNS += ["seeds", "seed_ids", *PAPER, *AGREEMENT, "p_bleu", "train_flops", "device_hours"]
+COLUMNS += ["status", "notes"]
 """The CSV's columns, in the Markdown table's order (which shows a subset, formatted)."""
 PAPER_NOTE = "paper: Vaswani et al. 2017, Table 3 (newstest2013, the paper's sizes; params x10^6)"
 
@@ -166,6 +167,7 @@ def build_table(
             values = [r.metric(metric) for r in done]
             line[metric], line[f"{metric}_std"] = _mean(values), _std(values)
         line["seeds"] = len(done)
+        line["seed_ids"] = " ".join(str(k) for k in sorted({r.seed for r in done if r.seed is not None}))
         paper = ref.loc[name] if name in ref.index else None
         for ours, col in PAPER.items():
             line[ours] = float(paper[col]) if paper is not None and pd.notna(paper[col]) else math.nan
@@ -329,7 +331,7 @@ class TableResult:
 
 
 class TableOverwriteError(ValueError):
-    """The new table has fewer complete runs than the file it would replace (``--force`` replaces it)."""
+    """The new table lacks complete runs that the file it would replace holds (``--force`` replaces it)."""
 
 
 def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -340,36 +342,50 @@ def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
-def complete_runs(table: Table) -> int:
-    """Complete runs in the table: the sum of its ``seeds`` column (complete seeds per row)."""
-    return int(table.frame["seeds"].sum())
+def complete_runs(table: Table) -> set[tuple[str, int]]:
+    """(row, seed) of every complete run in the table."""
+    return _runs_of(table.frame)
 
 
-def complete_runs_in_csv(path: Path) -> int | None:
-    """Complete runs recorded in a table's CSV, from its ``status`` and ``seeds`` columns (a row whose status
-    names no complete run counts 0); None when there is no such file. The Markdown is never parsed."""
+def complete_runs_in_csv(path: Path) -> set[tuple[str, int]] | int | None:
+    """The complete runs a table's CSV records: (row, seed) pairs from its ``seed_ids`` column, or only their
+    number (``seeds`` of the rows whose status names a complete run) in a CSV written before that column;
+    None when there is no such file. The Markdown is never parsed."""
     if not path.is_file():
         return None
     try:
-        frame = pd.read_csv(path, usecols=["status", "seeds"], dtype={"status": str})
-        counted = frame["status"].fillna("").str.contains(r"\bcomplete\b", regex=True)
+        frame = pd.read_csv(path, dtype={"row": str, "status": str, "seed_ids": str}, keep_default_na=False)
+        if "seed_ids" in frame.columns:
+            return _runs_of(frame)
+        counted = frame["status"].str.contains(r"\bcomplete\b", regex=True)
         return int(frame.loc[counted, "seeds"].astype(int).sum())
-    except (OSError, ValueError, pd.errors.ParserError) as err:
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
         reason = " ".join(str(err).split())[:100]
         raise TableOverwriteError(
-            f"{path}: cannot count its complete runs ({reason}); pass --force to replace it"
+            f"{path}: cannot read its complete runs ({reason}); pass --force to replace it"
         ) from None
 
 
+def _runs_of(frame: pd.DataFrame) -> set[tuple[str, int]]:
+    ids = frame["seed_ids"].fillna("").astype(str)
+    return {(str(row), int(k)) for row, seeds in zip(frame["row"], ids, strict=True) for k in seeds.split()}
+
+
 def check_overwrite(table: Table, csv_path: Path, source: str) -> None:
-    """Refuse to replace a table that holds more complete runs than the new one (an empty or wrong --runs
-    would otherwise overwrite committed results with "missing" rows)."""
-    old = complete_runs_in_csv(csv_path)
-    new = complete_runs(table)
-    if old is not None and new < old:
+    """Refuse to replace a table that holds complete runs the new one lacks: an empty or wrong --runs, or
+    the runs of other seeds (a held-out set built into the shipped folder), would otherwise replace
+    committed results. A CSV from before the ``seed_ids`` column is compared by its number of runs."""
+    old, new = complete_runs_in_csv(csv_path), complete_runs(table)
+    if isinstance(old, int) and len(new) < old:
         raise TableOverwriteError(
-            f"{csv_path} holds {old} complete runs, the new table only {new} (from {source}); "
+            f"{csv_path} holds {old} complete runs, the new table only {len(new)} (from {source}); "
             "pass --force to replace it"
+        )
+    if isinstance(old, set) and (lost := sorted(old - new)):
+        row, seed = lost[0]
+        raise TableOverwriteError(
+            f"{csv_path} holds {len(lost)} complete runs that the new table (from {source}) lacks, e.g. "
+            f"{row} seed {seed}; pass --force to replace it"
         )
 
 
@@ -398,8 +414,8 @@ def make_table(
     """Read the runs of one grid at one scale (run folders, or W&B with ``wandb="ENTITY/PROJECT"``), write
     ``<out>/<grid>-<scale>.md/.csv/.tex`` and the PNG plots beside them, and return the Markdown.
 
-    All outputs are written together or not at all (``publish``). Unless ``force``, a table with fewer
-    complete runs than the ``<grid>-<scale>.csv`` already in ``out`` is refused (``check_overwrite``)."""
+    All outputs are written together or not at all (``publish``). Unless ``force``, a table that lacks
+    complete runs of the ``<grid>-<scale>.csv`` already in ``out`` is refused (``check_overwrite``)."""
     fmts = parse_formats(formats)
     grid = load_grid(grid_name)
     scale = scale or grid.default_scale
