@@ -1,7 +1,8 @@
 """The tiny scale's regime, lever by lever (issue 16): is base converged, and does a model without dropout
 overfit?
 
-Run: ``.venv/bin/python bench/tiny_regime.py [--only NAME,...] [--jobs 2] [--rows base,D1] [--out DIR]``
+Run: ``.venv/bin/python bench/tiny_regime.py [--only NAME,...] [--jobs 2] [--rows base,D1] [--out DIR]``,
+or ``--grid-runs results/runs/table3/tiny-converged`` to judge every finished run of a grid at one scale.
 
 Each lever is a set of overrides on top of the tiny scale of ``ablations/table3.yaml``. For every lever the
 script trains the rows (base and D1 by default) with ``tlit train --row ROW --scale tiny``, one thread per
@@ -53,7 +54,11 @@ def run_one(out: Path, lever: str, row: str, overrides: list[str], val_every: in
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             return {"lever": lever, "row": row, "error": proc.stdout[-400:] + proc.stderr[-400:]}
-    seconds = time.perf_counter() - start
+    return judge(run_dir, lever, row, time.perf_counter() - start)
+
+
+def judge(run_dir: Path, lever: str, row: str, seconds: float | None = None) -> dict:
+    """The regime criteria on one finished run folder's dev PPL curve."""
     summary = json.loads((run_dir / "summary.json").read_text())
     curve = _val_curve(run_dir / "metrics.csv")
     steps = [s for s, _ in curve]
@@ -70,7 +75,7 @@ def run_one(out: Path, lever: str, row: str, overrides: list[str], val_every: in
         "plateau": ppls[third] / ppls[-1] < 1.05,
         "rises": ppls[-1] > 1.03 * ppls[best],
         "train_s": round(summary["wall_seconds"], 1),
-        "run_s": round(seconds, 1),
+        "run_s": round(seconds, 1) if seconds is not None else None,
     }
 
 
@@ -81,6 +86,18 @@ def _val_curve(path: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def train_levers(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    levers = args.only.split(",")
+    unknown = [name for name in levers if name not in LEVERS]
+    if unknown:
+        p.error(f"--only: unknown lever {unknown[0]!r}; levers: {', '.join(LEVERS)}")
+    jobs = [(lever, row) for lever in levers for row in args.rows.split(",")]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(
+            pool.map(lambda j: run_one(args.out, j[0], j[1], LEVERS[j[0]].split(), args.val_every), jobs)
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(LEVERS), help="levers to run, comma-separated")
@@ -88,16 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("bench/.tiny_regime"))
+    p.add_argument(
+        "--grid-runs",
+        type=Path,
+        default=None,
+        help="judge the finished runs of a grid instead of training: RUNS/GRID/SCALE (every row and seed)",
+    )
     args = p.parse_args(argv)
-    levers = args.only.split(",")
-    unknown = [name for name in levers if name not in LEVERS]
-    if unknown:
-        p.error(f"--only: unknown lever {unknown[0]!r}; levers: {', '.join(LEVERS)}")
-    jobs = [(lever, row) for lever in levers for row in args.rows.split(",")]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(
-            pool.map(lambda j: run_one(args.out, j[0], j[1], LEVERS[j[0]].split(), args.val_every), jobs)
-        )
+    if args.grid_runs is not None:
+        folders = sorted(args.grid_runs.glob("*/seed*/summary.json"))
+        if not folders:
+            p.error(f"--grid-runs: no finished runs under {args.grid_runs} (expected ROW/seedK/summary.json)")
+        scale = args.grid_runs.name
+        results = [judge(f.parent, scale, f"{f.parent.parent.name}/{f.parent.name}") for f in folders]
+    else:
+        results = train_levers(p, args)
     print("| lever | row | dev PPL | best (step) | BLEU | plateau | rises | train s | run s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(
             f"| {r['lever']} | {r['row']} | {r['ppl_final']:.2f} | {r['ppl_best']:.2f} ({r['best_step']}) "
-            f"| {r['bleu']:.1f} | {r['plateau']} | {r['rises']} | {r['train_s']:.0f} | {r['run_s']:.0f} |"
+            f"| {r['bleu']:.1f} | {r['plateau']} | {r['rises']} | {r['train_s']:.0f} | {r['run_s'] or ''} |"
         )
     print(json.dumps(results))
     return 0
