@@ -2,7 +2,7 @@
 overfit?
 
 Run: ``.venv/bin/python bench/tiny_regime.py [--only NAME,...] [--jobs 2] [--rows base,D1] [--out DIR]``,
-or ``--grid-runs results/runs/table3/tiny-converged`` to judge every finished run of a grid at one scale.
+or ``--grid-runs results/runs/table3/tiny-long`` to judge every finished run of a grid at one scale.
 
 Each lever is a set of overrides on top of the tiny scale of ``ablations/table3.yaml``. For every lever the
 script trains the rows (base and D1 by default) with ``tlit train --row ROW --scale tiny``, one thread per

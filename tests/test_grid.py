@@ -154,14 +154,14 @@ def test_malformed_grid_fails_with_one_line(tmp_path, body, message):
 
 
 def test_a_scale_builds_on_another_through_a_yaml_merge_key(tmp_path):
-    """The shipped tiny-converged scale is tiny's settings plus a finite training set and 3x the steps; a key
+    """The shipped tiny-long scale is tiny's settings plus a finite training set and 3x the steps; a key
     set next to the merge overrides the merged one, and a key written twice by hand is still refused."""
     grid = G.load_grid("table3")
-    tiny, converged = grid.config("base", "tiny"), grid.config("base", "tiny-converged")
-    assert converged.data.synthetic_pairs == 3000 and tiny.data.synthetic_pairs == 30000
-    assert converged.train.max_steps == 3 * tiny.train.max_steps
-    assert grid.config("big", "tiny-converged").train.max_steps == 3 * converged.train.max_steps
-    assert C.apply_overrides(converged, {"data.synthetic_pairs": 30000, "train.max_steps": 700}) == tiny
+    tiny, long = grid.config("base", "tiny"), grid.config("base", "tiny-long")
+    assert long.data.synthetic_pairs == 3000 and tiny.data.synthetic_pairs == 30000
+    assert long.train.max_steps == 3 * tiny.train.max_steps
+    assert grid.config("big", "tiny-long").train.max_steps == 3 * long.train.max_steps
+    assert C.apply_overrides(long, {"data.synthetic_pairs": 30000, "train.max_steps": 700}) == tiny
 
     body = """
 name: g
@@ -183,5 +183,5 @@ def test_unknown_grid_row_scale():
     grid = G.load_grid("table3")
     with pytest.raises(G.GridError, match="unknown row 'Z9'; rows are: base, A1"):
         grid.row("Z9")
-    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny, tiny-conv"):
+    with pytest.raises(G.GridError, match="unknown scale 'huge'; scales are: paper, small, tiny, tiny-long"):
         grid.scale("huge")
