@@ -47,11 +47,6 @@ class BatchPlan:
         positions = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
         return cls(positions, starts)
 
-    @property
-    def sizes(self) -> np.ndarray:
-        """(batches,) pairs per batch."""
-        return np.diff(self.starts)
-
     def __len__(self) -> int:
         return len(self.starts) - 1
 
@@ -66,10 +61,10 @@ class BatchPlan:
         is a multiple of ``world_size``, so that every DDP rank gets as many; stops early if no batch has
         two pairs left."""
         starts = self.starts
-        while (len(starts) - 1) % world_size:
+        while (len(starts) - 1) % world_size:  # never true for 0 batches, so there is a largest one
             sizes = np.diff(starts)
-            k = int(np.argmax(sizes)) if len(sizes) else 0
-            if not len(sizes) or sizes[k] < 2:
+            k = int(np.argmax(sizes))
+            if sizes[k] < 2:
                 break
             starts = np.insert(starts, k + 1, starts[k] + sizes[k] // 2)
         return self if starts is self.starts else BatchPlan(self.positions, starts)

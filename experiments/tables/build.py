@@ -367,8 +367,9 @@ def complete_runs_in_csv(path: Path) -> set[tuple[str, int]] | int | None:
 
 
 def _runs_of(frame: pd.DataFrame) -> set[tuple[str, int]]:
-    ids = frame["seed_ids"].fillna("").astype(str)
-    return {(str(row), int(k)) for row, seeds in zip(frame["row"], ids, strict=True) for k in seeds.split()}
+    """(row, seed) from the ``seed_ids`` column: text in the table's frame and in a CSV read as text."""
+    pairs = zip(frame["row"], frame["seed_ids"], strict=True)
+    return {(str(row), int(k)) for row, seeds in pairs for k in seeds.split()}
 
 
 def check_overwrite(table: Table, csv_path: Path, source: str) -> None:
